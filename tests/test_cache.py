@@ -6,6 +6,7 @@ from trl import DPOTrainer
 
 from modpo_trl import FunctionReward, MODPOConfig, MODPOTrainer, RewardModel
 from modpo_trl.cache import ScoreCache, content_fingerprint, default_cache_dir
+from modpo_trl.rewards import tokenizer_fingerprint
 from modpo_trl.testing import tiny_causal_lm, tiny_reward_model, toy_preference_dataset
 
 from .test_modpo_trainer import COMMON
@@ -74,6 +75,16 @@ def test_reward_model_fingerprint_follows_weights_and_max_length(tokenizer):
     changed = copy.deepcopy(rm)
     changed.score.weight.data += 1.0
     assert a != RewardModel(changed, tokenizer).fingerprint()
+
+
+def test_tokenizer_fingerprint_ignores_truncation_state_but_not_the_vocabulary(tokenizer):
+    """A tokenizer shared with the policy's trainer must not change its key by being used in between."""
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["a b c d e f"], truncation=True, max_length=3, padding="max_length")
+    assert tokenizer_fingerprint(tokenizer) == before
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["brand_new_token"])
+    assert tokenizer_fingerprint(other) != before
 
 
 def test_reference_logps_are_cached_across_trainers(tokenizer, tmp_path, monkeypatch):

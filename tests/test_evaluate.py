@@ -284,6 +284,12 @@ def test_soup_is_the_linear_interpolation_of_the_adapters(sweep):
     assert not torch.allclose(soup_logits, generator.model.get_base_model()(x).logits, atol=1e-3)
     assert generation.SOUP not in generator.model.peft_config  # removed after use
 
+    # written to disk (how the vLLM backend serves a soup), it is an ordinary adapter of rank r_a + r_b
+    folder = generator.save_soup([(str(a), c[0]), (str(b), c[1])], sweep / "soup")
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2 * LORA_R
+    with generator._activated(str(folder), None) as model:
+        assert torch.allclose(model(x).logits, expected_logits, atol=1e-5)
+
     # peft's "linear" combination mixes A and B separately (cross terms B_a A_b): not an interpolation
     generator.model.add_weighted_adapter(
         [generator._load(str(a)), generator._load(str(b))], c, "linear_mix", combination_type="linear"

@@ -328,14 +328,17 @@ def write_recipe(tmp_path, tok, **training):
             {"name": "short", "reward": {"type": "function", "function": "modpo_trl.scorers:brevity"}},
         ],
         "sweep": {"weights": "simplex(steps=2)"},
-        "training": {**COMMON, "max_steps": 2, "precompute_ref_log_probs": True, "logging_steps": 1},
+        "training": {
+            **COMMON,
+            "max_steps": 2,
+            "precompute_ref_log_probs": True,
+            "logging_steps": 1,
+            **training,
+        },
     }
     path = tmp_path / "moc.yaml"
     path.write_text(json.dumps(recipe))
-    loaded = load_recipe(path)
-    # MOC's own fields are set after loading: recipe validation knows MODPOConfig's fields only.
-    loaded.training.update(training)
-    return loaded
+    return load_recipe(path)
 
 
 def test_train_from_recipe_writes_one_adapter_and_a_manifest_entry(tok, tmp_path, capsys):
@@ -448,6 +451,9 @@ def test_recipe_errors(tok, tmp_path):
     recipe.objectives[1].reward = None
     with pytest.raises(RecipeError, match=r"objectives\[1\] \(short\) needs `data` .* or a `reward`"):
         train_from_recipe(recipe, dry_run=True)
-    recipe = write_recipe(tmp_path, tok, moo_solver="adam")
     with pytest.raises(RecipeError, match=r"training: moo_solver='adam' is not valid"):
-        train_from_recipe(recipe, dry_run=True)
+        train_from_recipe(write_recipe(tmp_path, tok, moo_solver="adam"), dry_run=True)
+    with pytest.raises(
+        RecipeError, match=r"training.moo_sovler is not a MOCConfig field.*did you mean 'moo_solver'"
+    ):
+        write_recipe(tmp_path, tok, moo_sovler="mgda")

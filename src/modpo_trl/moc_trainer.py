@@ -6,15 +6,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import gc
 import os
 import shutil
 import textwrap
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -475,8 +473,10 @@ def train_from_recipe(recipe: Recipe, dry_run: bool = False) -> dict[str, Any]:
     manifest = Manifest(run_dir)
     if dry_run:
         # Check the values without the hardware checks: a GPU recipe's bf16 must dry-run on a CPU machine.
-        cpu = dataclasses.replace(recipe, training={**recipe.training, "bf16": False, "fp16": False, "use_cpu": True})
-        _print_plan(recipe, training_args(cpu, run_dir / f".{TAG}.tmp"), manifest.read().get("runs", {}).get(TAG))
+        cpu = replace(recipe, training={**recipe.training, "bf16": False, "fp16": False, "use_cpu": True})
+        _print_plan(
+            recipe, training_args(cpu, run_dir / f".{TAG}.tmp"), manifest.read().get("runs", {}).get(TAG)
+        )
         return manifest.read()
     args = training_args(recipe, run_dir / f".{TAG}.tmp")
     check_policy(recipe)  # fails before any data or model is loaded
@@ -615,7 +615,6 @@ def _train(recipe: Recipe, args: MOCConfig) -> None:
     resume = _main_decides(resume_point)
     _log(f"{TAG}: training{f' (resuming from {Path(resume).name})' if resume else ''} ...")
     started = time.monotonic()
-    trainer = model = None
     try:
         model, tokenizer = load_policy(recipe)
         trainer = MOCTrainer(

@@ -59,7 +59,8 @@ def smollm2(directory: str | os.PathLike | None = None) -> Path:
     """SmolLM2-135M-Instruct as a normal transformers model folder (converted from the wheel's GGUF once).
 
     Later calls return the folder at once. The conversion is written to a temporary folder next to
-    `directory` and renamed, so an interrupted conversion never leaves a half-written model behind.
+    `directory` and renamed, so an interrupted conversion never leaves a half-written model behind; a file lock
+    lets concurrent processes (a distributed launch) wait for one conversion.
     """
     target = Path(directory) if directory is not None else smollm2_dir()
     if _is_complete(target):
@@ -69,28 +70,35 @@ def smollm2(directory: str | os.PathLike | None = None) -> Path:
         raise OSError(f"SmolLM2-135M-Instruct is not installed (package {SMOLLM2_PACKAGE!r}): {INSTALL_HINT}")
     if importlib.util.find_spec("gguf") is None:
         raise OSError(f"converting SmolLM2's GGUF file needs the `gguf` package: {INSTALL_HINT}")
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):  # one conversion, even across processes
+        if not _is_complete(target):
+            _convert(package / SMOLLM2_GGUF, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {package / SMOLLM2_GGUF} into {target} (once; ~35 s on 2 CPU cores) ...", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=SMOLLM2_GGUF)
+    print(f"converting {gguf} into {target} (once; ~35 s on 2 CPU cores) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are de-quantised already; save_pretrained refuses a model that still claims a quantiser.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # an incomplete folder from elsewhere, or a concurrent conversion that won
-            if _is_complete(target):
-                return target
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; it is an ordinary model folder
+        if target.exists():  # an incomplete folder left by something else
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def minilm() -> Path:

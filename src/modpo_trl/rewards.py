@@ -10,6 +10,7 @@ a path is only loaded when scores are actually needed (a cache hit loads nothing
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 from abc import ABC, abstractmethod
@@ -144,7 +145,14 @@ class ColumnReward(RewardSource):
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Vocabulary, special tokens and chat template: what decides how a text is tokenised."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    if backend is not None:
+        vocab = json.loads(backend.to_str())
+        # Truncation and padding are call-time state that any earlier `tokenizer(..., truncation=True)`
+        # leaves behind; they do not change how a text is tokenised here (we pass our own settings).
+        vocab.pop("truncation", None)
+        vocab.pop("padding", None)
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
     return fingerprint(
         type(tokenizer).__name__,
         vocab,
