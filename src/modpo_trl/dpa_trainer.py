@@ -635,7 +635,6 @@ def train_from_recipe(recipe: Recipe, dry_run: bool = False) -> dict[str, Any] |
 
     from .data import load_prompts
     from .models import check_policy, load_policy, lora_config
-    from .offline import ensure_offline_model
 
     check_policy(recipe)
     try:
@@ -670,7 +669,6 @@ def train_from_recipe(recipe: Recipe, dry_run: bool = False) -> dict[str, Any] |
             prompts = load_prompts(data)
         except RecipeError as e:
             raise RecipeError(f"{key}: {e}") from None
-        ensure_offline_model(recipe.model.path)
         model, tokenizer = load_policy(recipe)
         trainer = DPATrainer(model, args, prompts, tokenizer, reward=reward, peft_config=lora_config(recipe))
         result = trainer.train()
@@ -774,9 +772,11 @@ def evaluation_candidates(recipe: Recipe, run_dir: str | Path) -> list:
     heldout = [float(a) for a in cfg.heldout_angles]
     candidates = []
     for v in evaluation_directions(cfg):
+        held_out = False
         if cfg.directions is None:
             t = angle_of(v)
-            label = f"t{round(t, 4):+g}" + ("-heldout" if any(abs(t - h) < 1e-6 for h in heldout) else "")
+            held_out = any(abs(t - h) < 1e-6 for h in heldout)
+            label = f"t{round(t, 4):+g}" + ("-heldout" if held_out else "")
         else:
             label = "v" + "_".join(str(w) for w in direction_weights(v))
         prompt_fn = functools.partial(
@@ -784,7 +784,13 @@ def evaluation_candidates(recipe: Recipe, run_dir: str | Path) -> list:
         )
         candidates.append(
             Candidate(
-                RUN_TAG, label, weights=list(v), adapter=str(adapter), preference=list(v), prompt_fn=prompt_fn
+                RUN_TAG,
+                label,
+                weights=list(v),
+                adapter=str(adapter),
+                preference=list(v),
+                prompt_fn=prompt_fn,
+                held_out=held_out,
             )
         )
     return candidates

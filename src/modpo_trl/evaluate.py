@@ -65,6 +65,7 @@ class Candidate:
     prompt_fn: Callable[[Any], Any] | None = field(default=None, repr=False)
     soup: list[tuple[str, float]] | None = None  # Rewarded Soups: (adapter folder, coefficient)
     extreme: str | None = None  # the objective this MODPO adapter is the soups' extreme of
+    held_out: bool = False  # a preference the conditioned model never trained on (generalisation)
 
     @property
     def key(self) -> str:
@@ -86,6 +87,7 @@ class Candidate:
             "adapter": short(self.adapter) if self.adapter else None,
             "soup": [{"adapter": short(p), "coefficient": c} for p, c in self.soup] if self.soup else None,
             "extreme": self.extreme,
+            "held_out": self.held_out,
         }
 
 
@@ -385,8 +387,50 @@ def _entry(candidate: Candidate, fp: str, eval_dir: Path, run_dir: Path, force: 
     }
 
 
+def compared_results(
+    recipe: Recipe, names: list[str], prompts_fp: str, generation: dict[str, Any], own: list[dict]
+) -> tuple[list[dict], list[str]]:
+    """The finished candidates of the runs in `eval.compare` (their eval/results.json), for one report with this
+    run's; notes on runs that cannot be compared: other objectives, prompts or sampling distribution (the
+    batch size, seed and backend only pick other samples of it). A compared method that this run also has (another MODPO
+    sweep, say) is renamed `<run_name>/<method>`; a candidate this run has too (the reference) is taken once."""
+    own_methods, own_keys = {r["method"] for r in own}, {(r["method"], r["label"]) for r in own}
+    sampling = ("max_new_tokens", "do_sample", "temperature", "top_p")
+    rows, notes = [], []
+    for i, folder in enumerate(recipe.eval.compare):
+        key, path = f"eval.compare[{i}]", Path(folder) / EVAL_DIR / "results.json"
+        if not path.is_file():
+            notes.append(f"{key}: no {path}; evaluate that run first (python -m modpo_trl.evaluate {folder})")
+            continue
+        other = json.loads(path.read_text())
+        differs = [
+            what
+            for what, mine, theirs in (
+                ("objectives", names, other.get("objectives")),
+                ("prompts", prompts_fp, other.get("prompts_fingerprint")),
+                (
+                    "sampling settings",
+                    [generation[k] for k in sampling],
+                    [other.get("generation", {}).get(k) for k in sampling],
+                ),
+            )
+            if mine != theirs
+        ]
+        if differs:
+            notes.append(f"{key}: {folder} was evaluated with other {', '.join(differs)}; not compared")
+            continue
+        for r in other["candidates"]:
+            if r["status"] != "ok" or (r["method"], r["label"]) in own_keys:
+                continue
+            method = r["method"] if r["method"] not in own_methods else f"{other['run_name']}/{r['method']}"
+            rows.append({**r, "method": method, "run": other["run_name"]})
+    return rows, notes
+
+
 # ------------------------------------------------------------------------------------------------ the report
-def _result(candidate: Candidate, entry: dict, names: list[str], run_dir: Path) -> dict[str, Any]:
+def _result(
+    candidate: Candidate, entry: dict, names: list[str], recipe: Recipe, run_dir: Path
+) -> dict[str, Any]:
     from .pareto import mean_ci
 
     scores = {}
@@ -398,6 +442,7 @@ def _result(candidate: Candidate, entry: dict, names: list[str], run_dir: Path) 
     ok = entry["error"] is None and len(scores) == len(names)
     return {
         **candidate.describe(run_dir),
+        "run": recipe.run_name,
         "status": "ok" if ok else "failed",
         "error": None if ok else entry["error"] or "not scored",
         "cached": entry["cached"],
@@ -408,8 +453,9 @@ def _result(candidate: Candidate, entry: dict, names: list[str], run_dir: Path) 
 def pareto_report(
     results: list[dict], names: list[str], reference_point: list[float] | None
 ) -> dict[str, Any]:
-    """Reference point, hypervolume and non-dominated labels per method (and over all), controllability."""
-    from .pareto import controllability, default_reference_point, hypervolume, non_dominated
+    """Reference point, hypervolume and non-dominated labels per method (and over all), controllability, and
+    generalisation to held-out preferences for conditioned methods."""
+    from .pareto import controllability, default_reference_point, generalization, hypervolume, non_dominated
 
     ok = [r for r in results if r["status"] == "ok"]
     sets: dict[str, list[dict]] = {}
@@ -439,11 +485,25 @@ def pareto_report(
             },
         },
         "controllability": {},
+        "generalization": {},
     }
     for method, rows in sets.items():
         if len(rows) >= 2 and all(r["weights"] is not None for r in rows):
             weights = np.array([r["weights"] for r in rows], dtype=float)
             report["controllability"][method] = controllability(weights, means(rows), names)
+        trained = [r for r in rows if not r.get("held_out")]
+        heldout = [r for r in rows if r.get("held_out")]
+        if heldout and len(trained) >= 2:
+            result = generalization(
+                [r["weights"] for r in trained],
+                means(trained),
+                [r["weights"] for r in heldout],
+                means(heldout),
+                names,
+            )
+            for row, entry in zip(heldout, result["per_preference"], strict=True):
+                entry["label"] = row["label"]
+            report["generalization"][method] = result
     return report
 
 
@@ -461,12 +521,12 @@ def _finite(value: Any) -> Any:
 def _csv(results: list[dict], names: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    header = ["method", "label", "status", *(f"w_{n}" for n in names)]
+    header = ["run", "method", "label", "status", *(f"w_{n}" for n in names)]
     header += [f"{n}_{s}" for n in names for s in ("mean", "ci")] + ["n", "extreme", "non_dominated", "error"]
     writer.writerow(header)
     for r in results:
         weights = r["weights"] or [None] * len(names)
-        cells = [r["method"], r["label"], r["status"], *weights]
+        cells = [r["run"], r["method"], r["label"], r["status"], *weights]
         for n in names:
             score = r["scores"].get(n, {})
             cells += [score.get("mean"), score.get("ci")]
@@ -524,6 +584,8 @@ def print_report(report: dict[str, Any]) -> None:
     rows = [["method", "label", *names, "front"]]
     for r in report["candidates"]:
         label = r["label"] + (f" (extreme: {r['extreme']})" if r["extreme"] else "")
+        if r["run"] != report["run_name"]:  # from eval.compare
+            label += f" [{r['run']}]"
         if r["status"] != "ok":
             rows.append([r["method"], label, *["-"] * len(names), f"FAILED: {r['error']}"])
             continue
@@ -541,6 +603,11 @@ def print_report(report: dict[str, Any]) -> None:
         for method, per_objective in pareto["controllability"].items():
             taus = ", ".join(f"{n} {_fmt(v['kendall_tau'])}" for n, v in per_objective.items())
             print(f"controllability of {method} (Kendall tau, requested weight vs score): {taus}")
+        for method, result in pareto.get("generalization", {}).items():
+            errors = ", ".join(f"{n} {v:.4f}" for n, v in result["mean_abs_error"].items())
+            print(
+                f"generalisation of {method} to held-out preferences (mean |achieved - interpolated|): {errors}"
+            )
     for note in report["notes"]:
         print(f"note: {note}")
     for name, path in report["files"].items():
@@ -586,7 +653,10 @@ def evaluate_sweep(
     _generate_all(recipe, todo, model_prompts, settings, backend, entries)
     _score_all(sources, prompts, entries, recipe.eval.batch_size)
 
-    results = [_result(c, entries[c.key], names, run_dir) for c in candidates]
+    results = [_result(c, entries[c.key], names, recipe, run_dir) for c in candidates]
+    prompts_fp, generation = fingerprint(prompts), {**asdict(settings), "backend": backend}
+    compared, compare_notes = compared_results(recipe, names, prompts_fp, generation, results)
+    results, notes = results + compared, notes + compare_notes
     ok = [r for r in results if r["status"] == "ok"]
     pareto = None
     if len(names) >= 2 and ok:
@@ -617,7 +687,8 @@ def evaluate_sweep(
             "objectives": names,
             "target": names[recipe.target_index],
             "num_prompts": len(prompts),
-            "generation": {**asdict(settings), "backend": backend},
+            "prompts_fingerprint": prompts_fp,
+            "generation": generation,
             "candidates": results,
             "pareto": pareto,
             "notes": notes,

@@ -153,9 +153,7 @@ class TransformersGenerator:
         from accelerate import PartialState
 
         from .models import load_policy
-        from .offline import ensure_offline_model
 
-        ensure_offline_model(recipe.model.path)
         model, self.tokenizer = load_policy(recipe)
         if not recipe.model.load_in_4bit:  # a 4-bit model is placed on its GPU when loaded
             model.to(device or PartialState().device)

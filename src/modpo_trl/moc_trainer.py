@@ -714,6 +714,7 @@ def evaluation_candidates(recipe: Recipe, run_dir: str | Path | None = None) -> 
             adapter=str(run_dir / entry["adapter"]),
             preference=list(w),
             prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names),
+            held_out=heldout,
         )
         for w, heldout in evaluation_preferences(recipe)
     ]

@@ -17,7 +17,16 @@ HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # org/name, or a legacy name such as
 
 
 def check_loadable(path: str, key: str, hint: str = "") -> None:
-    """A path that is neither an existing local file/folder nor a hub id `org/name` cannot load: say so now."""
+    """A path that is neither an existing local file/folder nor a hub id `org/name` cannot load: say so now.
+
+    An offline model's folder (`${offline:smollm2}`) is made first: SmolLM2 is converted on first use.
+    """
+    from .offline import ensure_offline_model
+
+    try:
+        ensure_offline_model(path)
+    except OSError as e:
+        raise RecipeError(f"{key}={path!r}: {e}") from None
     if not Path(path).expanduser().exists() and not HUB_ID.fullmatch(path):
         raise RecipeError(f"{key}={path!r} does not exist (and is not a hub id such as 'org/name'){hint}")
 

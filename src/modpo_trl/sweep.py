@@ -204,9 +204,8 @@ def margin_sources(recipe: Recipe) -> list:
         reward = objective.reward
         if reward.type == "reward_model" and reward.train:
             _train_reward_model_if_needed(reward.train, reward.path, key)
-        if (
-            reward.path
-        ):  # e.g. the adapter of a DPO stage not run yet: found now, not after loading the policy
+        # e.g. the adapter of a DPO stage not run yet: found now, not after loading the policy
+        if reward.path:
             hint = "; train it first, e.g. with the recipe of its DPO stage (recipes/<task>/dpo_*.yaml)"
             check_loadable(reward.path, f"{key}.path", hint)
         sources.append(build_reward(reward, objective.name, key))
