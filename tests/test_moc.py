@@ -4,6 +4,9 @@ both solvers end to end with a reloadable adapter, the recipe runner and its man
 import copy
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +33,8 @@ from modpo_trl.recipe import RecipeError, load_recipe
 from modpo_trl.rewards import sequence_logps
 from modpo_trl.scorers import text_of
 from modpo_trl.testing import CHAT_TEMPLATE, SPECIAL, WORDS, tiny_causal_lm, toy_preference_dataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 NAMES = ["kind", "safe", "short"]  # kind and safe have pairs, short only a reward (its margin)
 COMMON = dict(
@@ -371,6 +376,23 @@ def test_train_from_recipe_writes_one_adapter_and_a_manifest_entry(tok, tmp_path
     assert all(c.adapter == str(run_dir / "moc") and c.preference == c.weights for c in candidates)
     assert candidates[2].prompt_fn("tell me") == "Preference weights: kind=0.25, short=0.75.\ntell me"
     AutoModelForCausalLM.from_pretrained(str(run_dir / "moc"))  # a loadable adapter folder
+
+    # the evaluation CLI, in its own process as `make moc` runs it (its module is `__main__` there)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("tell me a story", "why")))
+    overrides = [
+        f"eval.prompts={{path: {prompts}}}",
+        "objectives.0.scorer={type: function, function: modpo_trl.scorers:brevity}",
+        "eval.max_new_tokens=3",
+        "eval.baselines=[]",
+    ]
+    cli = [sys.executable, "-m", "modpo_trl.evaluate", str(run_dir), *overrides]
+    done = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert [c["label"] for c in results["candidates"]] == [c.label for c in candidates]
+    assert [c["held_out"] for c in results["candidates"]] == [False, False, True]
+    assert set(results["pareto"]["generalization"]) == {"moc"}
 
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(tok, tmp_path, monkeypatch):

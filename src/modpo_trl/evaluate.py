@@ -733,4 +733,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs this file as `__main__`, a second copy of the module: run the importable one, whose
+    # `Candidate` is the class that the conditioned methods' `evaluation_candidates` return.
+    from modpo_trl.evaluate import main as package_main
+
+    sys.exit(package_main())
