@@ -13,7 +13,9 @@ Parts (all measured in one process, same model, data, batch and sequence length 
 * ``step``: per-step cost of (a) TRL's ``DPOTrainer`` with ``precompute_ref_log_probs=True``, (b) ``MODPOTrainer``
   with two margin objectives (a reward model and a rule-based function) scored once before training and
   precomputed reference log-probs, (c) ``OnTheFlyMODPOTrainer`` (below): margins and reference log-probs computed
-  inside every step, as the reference MODPO code does. The variants run in round-robin repetitions (the order
+  inside every step, as the reference MODPO code does; and ``MOCTrainer`` on the same pairs split between two
+  objectives, (d) with the linear combination of the losses and (e) with the min-norm (MGDA) solver: (e)/(d)
+  is the solver's overhead. The variants run in round-robin repetitions (the order
   rotating every repetition) after a warm-up repetition each, so machine noise hits all of them alike.
 * ``sweep``: K weightings trained with a shared score cache (``use_score_cache=True``, one fresh cache
   directory) and without (every run rescoring margins and reference log-probs), cached and uncached runs
@@ -88,15 +90,24 @@ from trl import DPOConfig, DPOTrainer
 import modpo_trl
 from modpo_trl import FunctionReward, MODPOConfig, MODPOTrainer, RewardModel
 from modpo_trl.cache import default_cache_dir
+from modpo_trl.moc_config import MOCConfig
+from modpo_trl.moc_trainer import MOCTrainer, objective_pairs
 from modpo_trl.modpo_trainer import CHOSEN_MARGINS, REJECTED_MARGINS
 from modpo_trl.testing import WORDS, tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 
 GIB = 2**30
-VARIANTS = ("dpo", "modpo", "modpo_on_the_fly")
+VARIANTS = ("dpo", "modpo", "modpo_on_the_fly", "moc_linear", "moc_mgda")
 LABELS = {
     "dpo": "(a) TRL DPO, precomputed ref",
     "modpo": "(b) MODPO, cached margins + precomputed ref",
     "modpo_on_the_fly": "(c) MODPO, margins + ref on the fly",
+    "moc_linear": "(d) MOC, linear combination, precomputed ref",
+    "moc_mgda": "(e) MOC, MGDA at the policy level, precomputed ref",
+}
+RATIOS = {  # name: (numerator, denominator)
+    "modpo/dpo": ("modpo", "dpo"),
+    "on_the_fly/modpo": ("modpo_on_the_fly", "modpo"),
+    "moc_mgda/moc_linear": ("moc_mgda", "moc_linear"),
 }
 STEP_WEIGHTS = [0.5, 0.25, 0.25]  # target, reward model, rule-based function
 TARGETS = {  # name: (limit, description)
@@ -375,7 +386,7 @@ class TimedMODPOTrainer(MODPOTrainer):
 
 
 def build_variant(ctx: Context, variant: str):
-    """One of (a), (b), (c) on a fresh policy (same seed, so same weights) and the same data."""
+    """One of (a)-(e) on a fresh policy (same seed, so same weights) and the same data."""
     dataset = Dataset.from_list(ctx.rows(ctx.spec.batch * ctx.spec.steps_per_rep))
     model = ctx.policy()
     common = dict(train_dataset=dataset, processing_class=ctx.tokenizer)
@@ -385,10 +396,26 @@ def build_variant(ctx: Context, variant: str):
     if variant == "modpo":
         args = ctx.args(MODPOConfig, precompute_ref_log_probs=True, **modpo)
         return MODPOTrainer(model, args=args, margin_rewards=ctx.margin_sources(), **common)
-    args = ctx.args(MODPOConfig, precompute_ref_log_probs=False, **modpo)
-    return OnTheFlyMODPOTrainer(
-        model, ref_model=copy.deepcopy(model), args=args, margin_rewards=ctx.margin_sources(), **common
+    if variant == "modpo_on_the_fly":
+        args = ctx.args(MODPOConfig, precompute_ref_log_probs=False, **modpo)
+        return OnTheFlyMODPOTrainer(
+            model, ref_model=copy.deepcopy(model), args=args, margin_rewards=ctx.margin_sources(), **common
+        )
+    # MOC: the same pairs, half labelled by each of two objectives, one preference per pair; the solver's
+    # overhead is (e) against (d).
+    half = len(dataset) // 2
+    pairs = objective_pairs(
+        {"kind": dataset.select(range(half)), "polite": dataset.select(range(half, len(dataset)))}
     )
+    args = ctx.args(
+        MOCConfig,
+        objective_names=["kind", "polite"],
+        moo_solver=variant.removeprefix("moc_"),
+        precompute_ref_log_probs=True,
+        use_score_cache=True,
+        score_cache_dir=str(ctx.score_cache),
+    )
+    return MOCTrainer(model, args=args, train_dataset=pairs, processing_class=ctx.tokenizer)
 
 
 # ----------------------------------------------------------------------------------- timing and memory
@@ -571,10 +598,7 @@ def step_cost(ctx: Context) -> dict[str, Any]:
 
     results = {v: {**summarize(samples[v]), "memory": memory[v], "samples": samples[v]} for v in VARIANTS}
     ratios = {}
-    for name, (num, den) in {
-        "modpo/dpo": ("modpo", "dpo"),
-        "on_the_fly/modpo": ("modpo_on_the_fly", "modpo"),
-    }.items():
+    for name, (num, den) in RATIOS.items():
         rep_ratios = [a / b for a, b in zip(per_rep[num], per_rep[den], strict=True)]
         ratios[name] = {
             "interval_time": ratio(results[num]["median_interval_s"], results[den]["median_interval_s"]),

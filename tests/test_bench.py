@@ -60,19 +60,23 @@ def test_smoke_writes_json_and_markdown(smoke):
     text = (out / "smoke-latest.md").read_text()
     for heading in ("## Per-step cost", "## Sweep cost (K=2", "## Targets"):
         assert heading in text
-    assert "| modpo/dpo |" in text and "| on_the_fly/modpo |" in text
+    assert "| modpo/dpo |" in text and "| on_the_fly/modpo |" in text and "| moc_mgda/moc_linear |" in text
 
 
 def test_smoke_step_cost_has_every_variant_and_finite_ratios(smoke):
     step = smoke[1]["results"]["step"]
-    assert set(step["variants"]) == {"dpo", "modpo", "modpo_on_the_fly"}
+    assert (
+        set(step["variants"])
+        == set(bench.VARIANTS)
+        == {"dpo", "modpo", "modpo_on_the_fly", "moc_linear", "moc_mgda"}
+    )
     spec = bench.SIZES["smoke"]
     for result in step["variants"].values():
         # One measured step per repetition: the first step of each repetition is the warm-up.
         assert result["measured_steps"] == spec.reps * (spec.steps_per_rep - 1)
         assert result["median_interval_s"] > 0 and result["tokens_per_s"] > 0
         assert result["memory"]["peak_bytes"] >= result["memory"]["before_training_bytes"] > 0
-    for name in ("modpo/dpo", "on_the_fly/modpo"):
+    for name in ("modpo/dpo", "on_the_fly/modpo", "moc_mgda/moc_linear"):
         for key in ("interval_time", "step_time", "peak_memory"):
             assert finite(step["ratios"][name][key]), (name, key)
 

@@ -17,6 +17,8 @@ from modpo_trl.pareto import non_dominated
 __all__ = ["plot_pareto"]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+# The package's methods keep their marker and colour in every figure; other methods take the next free ones.
+_KNOWN_METHODS = ("reference", "modpo", "rewarded_soups", "moc", "dpa")
 
 
 def _validate(points: Sequence[Mapping[str, Any]], objective_names: Sequence[str]) -> list[dict[str, Any]]:
@@ -182,7 +184,12 @@ def plot_pareto(
     for q in pts:
         groups.setdefault(q["method"], []).append(q)
     palette = colormaps["tab10"]
-    styles = {m: (_MARKERS[k % len(_MARKERS)], palette(k % 10)) for k, m in enumerate(groups)}
+    others = [m for m in groups if m not in _KNOWN_METHODS]
+    slot = {
+        m: _KNOWN_METHODS.index(m) if m in _KNOWN_METHODS else len(_KNOWN_METHODS) + others.index(m)
+        for m in groups
+    }
+    styles = {m: (_MARKERS[k % len(_MARKERS)], palette(k % 10)) for m, k in slot.items()}
 
     pairs = list(itertools.combinations(range(len(names)), 2))
     ncols = min(3, len(pairs))
