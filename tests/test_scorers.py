@@ -106,3 +106,26 @@ def test_smollm2_returns_a_finished_folder_at_once(tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
         (folder / name).write_text("{}")
     assert offline.smollm2(folder) == folder
+
+
+def test_the_policy_check_makes_an_offline_model_before_judging_its_path(monkeypatch, tmp_path):
+    """On a fresh machine `${offline:smollm2}` names a folder that does not exist until SmolLM2 is converted: the
+    check before loading converts it (or explains how to install it), it does not reject the path."""
+    from modpo_trl import offline
+    from modpo_trl.models import check_loadable
+    from modpo_trl.recipe import RecipeError
+
+    target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    made = []
+    monkeypatch.setitem(
+        offline.OFFLINE_MODELS, "smollm2", (lambda: target, lambda: made.append(target.mkdir(parents=True)))
+    )
+    check_loadable(str(target), "model.path")
+    assert made and target.is_dir()
+
+    def not_installed():
+        raise OSError("SmolLM2-135M-Instruct is not installed")
+
+    monkeypatch.setitem(offline.OFFLINE_MODELS, "smollm2", (lambda: tmp_path / "other", not_installed))
+    with pytest.raises(RecipeError, match=r"model.path='.*other': SmolLM2-135M-Instruct is not installed"):
+        check_loadable(str(tmp_path / "other"), "model.path")
