@@ -101,7 +101,7 @@ def load_policy(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         from peft import prepare_model_for_kbit_training
 
         # Freezes the quantised weights and upcasts the rest (norms) to fp32; the Trainer itself turns on
-        # gradient checkpointing when `training.gradient_checkpointing` asks for it.
+        # gradient checkpointing when `training.activation_checkpointing` asks for it.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.path)  # pad token = eos when the tokenizer has none
     return model, tokenizer
