@@ -279,7 +279,7 @@ def test_data_config_documents_every_format():
 
 
 def test_the_quickstart_turns_off_trls_default_activation_checkpointing(tmp_path):
-    """TRL's configs checkpoint activations by default: on a 135M model that only costs time."""
+    """TRL's configs checkpoint activations by default; the 135M quickstart needs no memory saving."""
     from modpo_trl.sweep import training_args
 
     recipe = load_recipe(REPO / "recipes/quickstart/modpo.yaml", ["training.use_cpu=true"])
