@@ -601,8 +601,10 @@ def print_report(report: dict[str, Any]) -> None:
         ref = [round(x, 4) for x in pareto["reference_point"]]
         print(f"hypervolume (reference point {ref}, {pareto['reference_point_source']}): {hv}")
         for method, per_objective in pareto["controllability"].items():
-            taus = ", ".join(f"{n} {_fmt(v['kendall_tau'])}" for n, v in per_objective.items())
-            print(f"controllability of {method} (Kendall tau, requested weight vs score): {taus}")
+            ranks = ", ".join(
+                f"{n} {_fmt(v['spearman'])} / {_fmt(v['kendall_tau'])}" for n, v in per_objective.items()
+            )
+            print(f"controllability of {method} (Spearman / Kendall, requested weight vs score): {ranks}")
         for method, result in pareto.get("generalization", {}).items():
             errors = ", ".join(f"{n} {v:.4f}" for n, v in result["mean_abs_error"].items())
             print(
