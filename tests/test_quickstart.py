@@ -1,5 +1,5 @@
 """The quickstart pipeline at CI size: the shipped recipe and data, a tiny policy and reward-model base built in
-code, a rule-based stand-in for the MiniLM relevance scorer, 2 weightings of 2 steps. Train (the brevity reward
+code, a rule-based stand-in for the MiniLM relevance scorer, 2 weightings of 2 steps. Train (the relevance reward
 model first), evaluate, and the report and figure that `make quickstart` ends with."""
 
 import json
@@ -37,13 +37,13 @@ def overrides(tmp_path, monkeypatch):
     return [
         f"output_dir={tmp_path / 'outputs'}",
         f"model.path={tmp_path / 'policy'}",
-        "objectives.0.data.max_samples=12",
+        "objectives.1.data.max_samples=12",
         "objectives.0.scorer.function=tests.test_quickstart:shared_words",
-        f"objectives.1.reward.path={tmp_path / 'outputs' / 'rm_brevity'}",
-        f"objectives.1.reward.train.base_model={tmp_path / 'policy'}",
-        f"objectives.1.reward.train.data={tmp_path / 'rm_rows.jsonl'}",
-        "objectives.1.reward.train.epochs=1",
-        "sweep.weights=[[1.0, 0.0], [0.4, 0.6]]",
+        f"objectives.0.reward.path={tmp_path / 'outputs' / 'rm_relevance'}",
+        f"objectives.0.reward.train.base_model={tmp_path / 'policy'}",
+        f"objectives.0.reward.train.data={tmp_path / 'rm_rows.jsonl'}",
+        "objectives.0.reward.train.epochs=1",
+        "sweep.weights=[[0.0, 1.0], [0.6, 0.4]]",
         "training.max_steps=2",
         "training.per_device_train_batch_size=4",
         "training.save_steps=1",
@@ -59,11 +59,11 @@ def test_quickstart_trains_a_reward_model_two_adapters_and_reports_the_front(ove
     run_dir = tmp_path / "outputs" / "quickstart"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {tag: run["status"] for tag, run in manifest["runs"].items()} == {
-        "w-1.00-0.00": "done",
-        "w-0.40-0.60": "done",
+        "w-0.00-1.00": "done",
+        "w-0.60-0.40": "done",
     }
-    rm = json.loads((tmp_path / "outputs" / "rm_brevity" / "config.json").read_text())
-    assert list(rm["id2label"].values()) == ["brevity"]  # the margin's reward model, trained first
+    rm = json.loads((tmp_path / "outputs" / "rm_relevance" / "config.json").read_text())
+    assert list(rm["id2label"].values()) == ["relevance"]  # the margin's reward model, trained first
 
     assert evaluate_main([str(RECIPE), *overrides]) == 0
     out = capsys.readouterr().out
