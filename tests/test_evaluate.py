@@ -222,6 +222,10 @@ def test_end_to_end_outputs(sweep, generations, capsys):
     png = (eval_dir / "pareto.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert "pareto.png" in out and "hypervolume" in out and "rewarded_soups" in out
+    # the summary gives both rank correlations: Spearman (the quickstart's target) and Kendall (MOC's)
+    length = pareto["controllability"]["modpo"]["length"]
+    assert "controllability of modpo (Spearman / Kendall, requested weight vs score)" in out
+    assert f"length {length['spearman']:+.2f} / {length['kendall_tau']:+.2f}" in out
 
 
 def test_hypervolume_uses_recipe_reference_point(sweep):
