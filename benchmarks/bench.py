@@ -89,11 +89,11 @@ from trl import DPOConfig, DPOTrainer
 
 import modpo_trl
 from modpo_trl import FunctionReward, MODPOConfig, MODPOTrainer, RewardModel
-from modpo_trl.cache import default_cache_dir
-from modpo_trl.moc_config import MOCConfig
-from modpo_trl.moc_trainer import MOCTrainer, objective_pairs
-from modpo_trl.modpo_trainer import CHOSEN_MARGINS, REJECTED_MARGINS
+from modpo_trl.storage import default_cache_dir
 from modpo_trl.testing import WORDS, tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+from modpo_trl.trainers.margins import CHOSEN_MARGINS, REJECTED_MARGINS
+from modpo_trl.trainers.moc_config import MOCConfig
+from modpo_trl.trainers.moc_trainer import MOCTrainer, objective_pairs
 
 GIB = 2**30
 VARIANTS = ("dpo", "modpo", "modpo_on_the_fly", "moc_linear", "moc_mgda")
@@ -364,7 +364,7 @@ def decode_pairs(tokenizer: PreTrainedTokenizerBase, inputs: dict) -> tuple[list
     return prompts, responses
 
 
-for _method in ("_score", "_precompute_ref_logps"):  # the sweep's scoring clock hooks these two
+for _method in ("_with_margins", "_precompute_ref_logps"):  # the sweep's scoring clock hooks these two
     if not hasattr(MODPOTrainer, _method):
         raise ImportError(f"MODPOTrainer has no {_method}: update TimedMODPOTrainer in benchmarks/bench.py")
 
@@ -376,9 +376,9 @@ class TimedMODPOTrainer(MODPOTrainer):
         self.clock = {"margins_s": 0.0, "ref_logps_s": 0.0}
         super().__init__(*args, **kwargs)
 
-    def _score(self, *args, **kwargs):
+    def _with_margins(self, *args, **kwargs):
         with clocked(self.clock, "margins_s"):
-            return super()._score(*args, **kwargs)
+            return super()._with_margins(*args, **kwargs)
 
     def _precompute_ref_logps(self, *args, **kwargs):
         with clocked(self.clock, "ref_logps_s"):
@@ -744,8 +744,8 @@ def ensure_random_checkpoint(path: Path, dims: Dims, tokenizer: PreTrainedTokeni
 
 def scale_trainer(ctx: Context, checkpoint: Path, variant: str, batch: int, steps: int):
     """(a) or (b) with LoRA on the checkpoint, loaded (4-bit) through modpo_trl's own `load_policy`."""
-    from modpo_trl.models import load_policy, lora_config
-    from modpo_trl.recipe import LoraSettings, ModelConfig, Recipe
+    from modpo_trl.runs.models import load_policy, lora_config
+    from modpo_trl.runs.recipe import LoraSettings, ModelConfig, Recipe
 
     scale = ctx.spec.scale
     recipe = Recipe(

@@ -134,7 +134,7 @@ def test_decode_pairs_splits_prompt_and_response(tokenizer):
 
 
 def test_sweep_weightings_are_valid_and_end_at_pure_target():
-    from modpo_trl.modpo_config import check_weights
+    from modpo_trl.trainers.modpo_config import check_weights
 
     weightings = bench.sweep_weightings(5)
     assert [w[0] for w in weightings] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])

@@ -17,7 +17,7 @@ SAMPLES = REPO / "examples" / "quickstart" / "data" / "samples.jsonl"
 
 
 def shared_words(prompts, responses):
-    """Stand-in for `modpo_trl.scorers:relevance`: the share of the answer's words that the instruction has."""
+    """Stand-in for `modpo_trl.rewards.scorers:relevance`: the share of the answer's words that the instruction has."""
     scores = []
     for prompt, response in zip(prompts, responses, strict=True):
         asked = set(prompt[-1]["content"].lower().split())

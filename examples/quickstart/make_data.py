@@ -6,7 +6,7 @@
    held-out evaluation prompts (`--eval-fraction`), written to `data/eval_prompts.jsonl`.
 2. SmolLM2-135M-Instruct (`modpo_trl.offline.smollm2`, converted from its PyPI wheel) samples `--num-samples`
    responses per training prompt through its chat template.
-3. Every response is scored by `modpo_trl.scorers` (relevance, brevity, positivity) and written to
+3. Every response is scored by `modpo_trl.rewards.scorers` (relevance, brevity, positivity) and written to
    `data/samples.jsonl`: one row per response, the `ratings` format that recipes turn into pairs.
 4. `data/metadata.json` records the model, sampling settings, counts, timings and summary statistics.
 
@@ -119,7 +119,7 @@ def generate(model, tokenizer, prompts: list[str], args: argparse.Namespace, see
 
 
 def score(rows: list[dict]) -> list[dict]:
-    from modpo_trl import scorers
+    from modpo_trl.rewards import scorers
 
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     for name in SCORERS:

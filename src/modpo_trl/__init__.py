@@ -4,23 +4,23 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Lazy exports: `import modpo_trl.pareto` (or the CLI's --dry-run) should not pay for importing TRL.
+# Lazy exports: `import modpo_trl.evaluation.pareto` (or the CLI's --help) should not pay for importing TRL.
 _EXPORTS = {
-    "MODPOConfig": "modpo_config",
-    "MODPOTrainer": "modpo_trainer",
-    "RewardSource": "rewards",
-    "FunctionReward": "rewards",
-    "RewardModel": "rewards",
-    "ImplicitReward": "rewards",
-    "ColumnReward": "rewards",
-    "MOCConfig": "moc_config",
-    "MOCTrainer": "moc_trainer",
-    "DPAConfig": "dpa_config",
-    "DPATrainer": "dpa_trainer",
-    "MultiObjectiveReward": "dpa_trainer",
-    "train_reward_model": "reward_modeling",
-    "render_preference": "preference",
-    "render_direction": "directions",
+    "MODPOConfig": "trainers.modpo_config",
+    "MODPOTrainer": "trainers.modpo_trainer",
+    "MOCConfig": "trainers.moc_config",
+    "MOCTrainer": "trainers.moc_trainer",
+    "DPAConfig": "trainers.dpa_config",
+    "DPATrainer": "trainers.dpa_trainer",
+    "RewardSource": "rewards.sources",
+    "FunctionReward": "rewards.sources",
+    "RewardModel": "rewards.sources",
+    "ImplicitReward": "rewards.sources",
+    "ColumnReward": "rewards.sources",
+    "MultiObjectiveReward": "rewards.vector",
+    "train_reward_model": "rewards.modeling",
+    "render_preference": "conditioning.preference",
+    "render_direction": "conditioning.directions",
 }
 __all__ = list(_EXPORTS)
 

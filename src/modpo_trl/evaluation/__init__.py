@@ -1,0 +1,1 @@
+"""Evaluation: generation, scoring, Pareto metrics, plots and the report."""

@@ -1,0 +1,78 @@
+"""Loading models and tokenizers by path or hub id, with errors that name what could not be loaded.
+
+A folder with an `adapter_config.json` is a LoRA adapter and is loaded onto the base model it names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from accelerate import PartialState
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Loads a tokenizer, giving a clear error (with the path) when it cannot."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise OSError(f"could not load a tokenizer from {str(path)!r}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(auto_class, path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """Loads a model, or a LoRA adapter folder on its base model, with a clear error when it cannot."""
+    path = str(path)
+    try:
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            peft_class = {
+                AutoModelForCausalLM: AutoPeftModelForCausalLM,
+                AutoModelForSequenceClassification: AutoPeftModelForSequenceClassification,
+            }[auto_class]
+            model = peft_class.from_pretrained(path, **kwargs)
+        else:
+            model = auto_class.from_pretrained(path, **kwargs)
+    except Exception as e:
+        raise OSError(f"could not load a model from {path!r} with {auto_class.__name__}: {e}") from e
+    if "device_map" not in kwargs and "quantization_config" not in kwargs:
+        model.to(PartialState().device)
+    model.requires_grad_(False)
+    return model
+
+
+TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_rows(
+    path: str | os.PathLike, split: str = "train", name: str | None = None, data_dir: str | None = None
+) -> Dataset:
+    """A split of a hub data set, a local json/jsonl/csv/parquet file, or a `save_to_disk` folder.
+
+    Raises ValueError for an unsupported file type and OSError (naming `path`) when loading fails.
+    """
+    local = Path(path).expanduser()
+    if local.is_file() and local.suffix not in TABLE_BUILDERS:
+        raise ValueError(f"data path {str(path)!r}: unsupported file type; valid: {sorted(TABLE_BUILDERS)}")
+    try:
+        if local.is_dir() and (
+            (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()
+        ):
+            loaded = load_from_disk(str(local))
+            return loaded[split] if isinstance(loaded, DatasetDict) else loaded
+        if local.is_file():
+            # A local file holds one split; `split` names which part of a hub data set to use.
+            return load_dataset(TABLE_BUILDERS[local.suffix], data_files=str(local), split="train")
+        return load_dataset(str(path), name, data_dir=data_dir, split=split)
+    except Exception as e:
+        raise OSError(f"could not load data set {str(path)!r} (split {split!r}): {e}") from e

@@ -1,0 +1,133 @@
+"""MOC in the run engine: one preference-conditioned adapter for every weighting (`<run_dir>/moc/`).
+
+Objectives with `data` give pairs; the others' `reward` is their margin. The adapter is evaluated at the
+sweep's weightings (so that MOC and a MODPO sweep compare point by point), then at the held-out preferences.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from ..conditioning.preference import check_preference, condition_prompt
+from ..rewards.cache import content_fingerprint, path_fingerprint
+from ..rewards.sources import RewardSource
+from ..trainers.moc_config import MOCConfig
+from ..trainers.moc_trainer import OBJECTIVE, MOCTrainer, objective_pairs
+from .data import load_preference_data
+from .engine import conditioned_run, is_done, on_disk
+from .method import Candidate, Method, Prepared, Run, Trained
+from .modpo import fit
+from .recipe import Recipe, RecipeError, weight_tag
+from .rewards import ready_reward
+
+TAG = "moc"  # the run's manifest entry and adapter folder: <run_dir>/moc/
+COLUMNS = ["prompt", "chosen", "rejected", OBJECTIVE]
+
+
+class MOC(Method):
+    name = "moc"
+    has_target = False  # every objective with pairs is trained on
+
+    def check(self, recipe: Recipe) -> None:
+        for i, objective in enumerate(recipe.objectives):
+            if objective.data is None and objective.reward is None:
+                raise RecipeError(
+                    f"objectives[{i}] ({objective.name}) needs `data` (its preference pairs, trained with DPO) or a "
+                    "`reward` (used as MODPO's margin): MOC trains every objective"
+                )
+        if all(objective.data is None for objective in recipe.objectives):
+            raise RecipeError("method=moc needs at least one objective with `data`: the pairs it trains on")
+
+    def runs(self, recipe: Recipe, dry_run: bool = False) -> list[Run]:
+        return [conditioned_run(MOCConfig, recipe, TAG, dry_run, objective_names=recipe.objective_names)]
+
+    def describe(self, recipe: Recipe, runs: list[Run]) -> list[str]:
+        args = runs[0].args
+        sampling = (
+            f"dirichlet(alpha={args.dirichlet_alpha})"
+            if args.preference_sampling == "dirichlet"
+            else f"grid(steps={args.grid_steps})"
+        )
+        pairs = [o.name for o in recipe.objectives if o.data is not None]
+        margins = [o.name for o in recipe.objectives if o.data is None]
+        radius = (
+            f" (L1 radius {args.heldout_radius})" if args.heldout_preferences and sampling != "grid" else ""
+        )
+        labels = [weight_tag(w) + ("-heldout" if held else "") for w, held in evaluation_preferences(recipe)]
+        return [
+            f"# MOC: one adapter '{TAG}'; pairs from {pairs}; margin rewards for {margins or 'none'}; "
+            f"solver {args.moo_solver}",
+            f"# training preferences: {sampling}, held out: {args.heldout_preferences or 'none'}{radius}",
+            f"# evaluated at {len(labels)} preference(s): {', '.join(labels)}",
+        ]
+
+    def prepare(self, recipe: Recipe) -> Prepared:
+        train, evals, margins = _load_data(recipe)
+        data_fp = content_fingerprint(train, COLUMNS)
+        train = on_disk(train, recipe.run_dir / ".data" / f"moc-train-{data_fp}")
+        if evals is not None:
+            evals = on_disk(
+                evals, recipe.run_dir / ".data" / f"moc-eval-{content_fingerprint(evals, COLUMNS)}"
+            )
+        fingerprints = {
+            "base_model": path_fingerprint(recipe.model.path),
+            "train_data": data_fp,
+            "rewards": {name: source.fingerprint() for name, source in margins.items()},
+        }
+        return Prepared(fingerprints, {"train": train, "eval": evals, "margin_rewards": margins})
+
+    def train(self, recipe: Recipe, run: Run, prepared: Prepared, resume: str | None) -> Trained:
+        return fit(MOCTrainer, recipe, run, prepared, resume)
+
+    def candidates(
+        self, recipe: Recipe, run_dir: Path, entries: dict[str, dict[str, Any]]
+    ) -> list[Candidate]:
+        """The one adapter at each `evaluation_preferences(recipe)`, labelled `w-0.30-0.70` (or
+        `w-0.50-0.50-heldout`), whose `prompt_fn` conditions every prompt on that preference, as in training."""
+        entry = entries.get(TAG)
+        if not is_done(entry, run_dir):
+            return []
+        return [
+            Candidate(
+                "moc",
+                weight_tag(w) + ("-heldout" if heldout else ""),
+                weights=list(w),
+                adapter=str(run_dir / entry["adapter"]),
+                preference=list(w),
+                prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names),
+                held_out=heldout,
+            )
+            for w, heldout in evaluation_preferences(recipe)
+        ]
+
+
+def evaluation_preferences(recipe: Recipe) -> list[tuple[list[float], bool]]:
+    """`(w, held_out)` for every preference the MOC adapter is evaluated at: the sweep's weightings
+    (`recipe.weightings()`), then the held-out preferences (`training.heldout_preferences`)."""
+    heldout = [
+        check_preference(w, len(recipe.objectives), f"training.heldout_preferences[{i}]")
+        for i, w in enumerate(recipe.training.get("heldout_preferences") or [])
+    ]
+    trained = [w for w in recipe.weightings() if not any(np.allclose(w, h) for h in heldout)]
+    return [*((w, False) for w in trained), *((w, True) for w in heldout)]
+
+
+def _load_data(recipe: Recipe) -> tuple[Dataset, Dataset | None, dict[str, RewardSource]]:
+    """All objectives' pairs (with their `objective` column), eval pairs if any, and the margin rewards."""
+    train, evals, margins = {}, {}, {}
+    for i, objective in enumerate(recipe.objectives):
+        if objective.data is not None:
+            train[objective.name], eval_pairs = load_preference_data(
+                objective.data, key=f"objectives[{i}].data"
+            )
+            if eval_pairs is not None:
+                evals[objective.name] = eval_pairs
+            continue
+        key = f"objectives[{i}] ({objective.name}).reward"
+        margins[objective.name] = ready_reward(objective.reward, objective.name, key)
+    return objective_pairs(train), (objective_pairs(evals) if evals else None), margins

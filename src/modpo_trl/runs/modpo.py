@@ -1,0 +1,96 @@
+"""MODPO in the run engine: one LoRA adapter per weighting of the recipe's sweep (`<run_dir>/w-0.30-0.70/`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..rewards.cache import content_fingerprint, path_fingerprint
+from ..trainers.modpo_config import MODPOConfig
+from ..trainers.modpo_trainer import MODPOTrainer
+from .data import load_preference_data
+from .engine import is_done, on_disk, work_dir
+from .method import Candidate, Method, Prepared, Run, Trained, trainer_config
+from .models import load_policy, lora_config
+from .recipe import Recipe, weight_tag
+from .rewards import ready_reward
+
+TRAIN_COLUMNS = ["prompt", "chosen", "rejected"]
+
+
+class MODPO(Method):
+    name = "modpo"
+
+    def runs(self, recipe: Recipe, dry_run: bool = False) -> list[Run]:
+        names, t = recipe.objective_names, recipe.target_index
+        runs = []
+        for index, weighting in enumerate(recipe.weightings()):
+            tag = weight_tag(weighting)
+            args = trainer_config(
+                MODPOConfig,
+                recipe,
+                dry_run,
+                weights=recipe.trainer_weights(weighting),
+                objective_names=[names[t], *(n for i, n in enumerate(names) if i != t)],
+                output_dir=str(work_dir(recipe.run_dir, tag)),
+                run_name=f"{recipe.run_name}/{tag}",
+            )
+            runs.append(Run(tag, index, args, weighting, recipe.trainer_weights(weighting)))
+        return runs
+
+    def prepare(self, recipe: Recipe) -> Prepared:
+        sources = []
+        for i, objective in enumerate(recipe.objectives):
+            if i != recipe.target_index:
+                hint = "; train it first, e.g. with the recipe of its DPO stage (recipes/<task>/dpo_*.yaml)"
+                key = f"objectives[{i}] ({objective.name}).reward"
+                sources.append(ready_reward(objective.reward, objective.name, key, hint))
+        key = f"objectives[{recipe.target_index}].data"
+        train, evals = load_preference_data(recipe.objectives[recipe.target_index].data, key=key)
+        data_fp = content_fingerprint(train, TRAIN_COLUMNS)
+        train = on_disk(train, recipe.run_dir / ".data" / f"train-{data_fp}")
+        if evals is not None:
+            evals = on_disk(
+                evals, recipe.run_dir / ".data" / f"eval-{content_fingerprint(evals, TRAIN_COLUMNS)}"
+            )
+        fingerprints = {
+            "base_model": path_fingerprint(recipe.model.path),
+            "train_data": data_fp,
+            "rewards": {s.name: s.fingerprint() for s in sources},
+        }
+        return Prepared(fingerprints, {"train": train, "eval": evals, "margin_rewards": sources})
+
+    def train(self, recipe: Recipe, run: Run, prepared: Prepared, resume: str | None) -> Trained:
+        return fit(MODPOTrainer, recipe, run, prepared, resume)
+
+    def candidates(
+        self, recipe: Recipe, run_dir: Path, entries: dict[str, dict[str, Any]]
+    ) -> list[Candidate]:
+        return [
+            Candidate("modpo", tag, weights=entry["weights"], adapter=str(run_dir / entry["adapter"]))
+            for tag, entry in entries.items()
+            if is_done(entry, run_dir)
+        ]
+
+
+def fit(trainer_class: type, recipe: Recipe, run: Run, prepared: Prepared, resume: str | None) -> Trained:
+    """Trains `run` with a DPO-style trainer (`MODPOTrainer`, `MOCTrainer`) on the prepared pairs and margin
+    rewards, the LoRA adapter of the recipe on its policy."""
+    model, tokenizer = load_policy(recipe)
+    trainer = trainer_class(
+        model=model,
+        args=run.args,
+        train_dataset=prepared.inputs["train"],
+        eval_dataset=prepared.inputs["eval"],
+        processing_class=tokenizer,
+        margin_rewards=prepared.inputs["margin_rewards"],
+        peft_config=lora_config(recipe),
+    )
+    output = trainer.train(resume_from_checkpoint=resume)
+    return Trained(lambda folder: trainer.save_model(str(folder)), final_metrics(trainer, output))
+
+
+def final_metrics(trainer: Any, output: Any) -> dict[str, Any]:
+    """The last logged training metrics and the mean training loss, for the manifest."""
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    return {**(logs[-1] if logs else {}), "train_loss": output.training_loss}

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from trl import SFTConfig
+
+from ..conditioning.directions import DEFAULT_SYSTEM_PROMPT, angle_grid, direction, unit_vector
+
+
+@dataclass
+class DPAConfig(SFTConfig):
+    r"""
+    Configuration class for the [`DPATrainer`]: the fields below plus every [`~trl.SFTConfig`] field, which
+    configures the supervised fine-tuning that ends each iteration (`learning_rate`, `num_train_epochs`,
+    `per_device_train_batch_size`, `max_length`, ...). `output_dir` holds one folder per iteration
+    (`iter-<k>/data.jsonl`, `iter-<k>/adapter`); `seed` seeds the directions, the sampling and the SFT.
+
+    DPA (Wang et al., 2024, arXiv:2402.18571) is preference-conditioned rejection-sampling fine-tuning: each
+    iteration samples a direction `v` for every prompt, states it in the system prompt
+    (`modpo_trl.conditioning.directions.render_direction`), samples `num_samples` responses from the current policy, keeps
+    the one with the largest `v . r` under the multi-objective reward `r`, and fine-tunes the policy on the kept
+    responses with `v` in the prompt.
+
+    Parameters:
+        attribute_names (`list[str]`, *optional*):
+            The reward attributes, in the order of the direction vectors (e.g. `["helpfulness", "verbosity"]`).
+            They must be outputs of the reward (labels in a reward model's `config.id2label`). Defaults to the
+            reward's attributes.
+        num_samples (`int`, *optional*, defaults to `4`):
+            Responses sampled per prompt (N); the best under `v . r` is kept. N = 1 is plain conditioned SFT
+            on the policy's own samples.
+        iterations (`int`, *optional*, defaults to `2`):
+            Rejection-sampling rounds; each starts from the previous round's adapter.
+        angle_range_degrees (`list[float]`, *optional*, defaults to `[-45, 45]`):
+            Two attributes: training directions are `(cos t, sin t)` for angles `t` in this range. The paper
+            suggests keeping the first attribute's weight >= 0.71, i.e. |t| <= 45.
+        angle_step_degrees (`float`, *optional*, defaults to `5.0`):
+            Spacing of the training angles `lo, lo + step, ..., hi` (the prompt states integer weights, so
+            finer steps add little).
+        heldout_angles (`list[float]`, *optional*, defaults to `[]`):
+            Angles never sampled in training (removed from the grid), to evaluate unseen preferences.
+        directions (`list[list[float]]`, *optional*):
+            Explicit training directions (each normalised to unit length) instead of the angle grid; required
+            when there are not exactly 2 attributes.
+        eval_angles (`list[float]`, *optional*):
+            Angles evaluated by `modpo_trl.evaluate`. Defaults to 7 angles evenly spread over
+            `angle_range_degrees` plus the held-out angles. With `directions`, those are evaluated.
+        system_prompt (`str`, *optional*):
+            The text before `Your response should maximize weighted rating = ...` in the system prompt. Defaults
+            to the released DPA model's.
+        prompts_per_iteration (`int`, *optional*):
+            Prompts used per iteration: consecutive slices of one seeded shuffle of the prompts, so iterations see
+            different prompts while there are enough. `None`: every prompt in every iteration.
+        temperature (`float`, *optional*, defaults to `0.7`), top_p (`float`, *optional*, defaults to `1.0`),
+        max_new_tokens (`int`, *optional*, defaults to `256`):
+            Sampling settings of the N responses.
+        generation_batch_size (`int`, *optional*, defaults to `8`):
+            Prompts per generation call (each yields `num_samples` sequences).
+    """
+
+    attribute_names: list[str] | None = field(
+        default=None, metadata={"help": "Reward attributes, in the order of the direction vectors."}
+    )
+    num_samples: int = field(default=4, metadata={"help": "Responses sampled per prompt (N >= 1)."})
+    iterations: int = field(default=2, metadata={"help": "Rejection-sampling fine-tuning rounds."})
+    angle_range_degrees: list[float] = field(
+        default_factory=lambda: [-45.0, 45.0],
+        metadata={"help": "Range of training angles t, directions (cos t, sin t) (2 attributes)."},
+    )
+    angle_step_degrees: float = field(default=5.0, metadata={"help": "Spacing of the training angles."})
+    heldout_angles: list[float] = field(
+        default_factory=list, metadata={"help": "Angles never sampled in training."}
+    )
+    directions: list[list[float]] | None = field(
+        default=None, metadata={"help": "Explicit training directions instead of the angle grid."}
+    )
+    eval_angles: list[float] | None = field(
+        default=None, metadata={"help": "Angles to evaluate; default: 7 over the range + held-out angles."}
+    )
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "System text before the stated weighted rating."}
+    )
+    prompts_per_iteration: int | None = field(
+        default=None, metadata={"help": "Prompts per iteration (a new seeded slice each time); None: all."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold in (0, 1]."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest sampled response, in tokens."})
+    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generation call."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_dpa_fields(self)
+
+    def training_directions(self) -> list[tuple[float, ...]]:
+        """The pool training directions are sampled from (held-out angles excluded)."""
+        return training_directions(self)
+
+    def evaluation_directions(self) -> list[tuple[float, ...]]:
+        """The directions `modpo_trl.evaluate` compares, held-out ones included."""
+        return evaluation_directions(self)
+
+
+# Defined by DPAConfig itself (not inherited from SFTConfig): what `check_dpa_fields` covers.
+DPA_FIELDS = tuple(DPAConfig.__annotations__)
+
+
+def dpa_defaults() -> dict[str, Any]:
+    """The DPA fields' defaults, for checking a recipe's `training:` section without building the SFT config
+    (which validates hardware settings such as `bf16` that a dry run on another machine must not)."""
+    defaults = {}
+    for f in fields(DPAConfig):
+        if f.name in DPA_FIELDS:
+            defaults[f.name] = f.default_factory() if callable(f.default_factory) else f.default
+    return defaults
+
+
+def check_dpa_fields(cfg: Any) -> None:
+    """Validates the DPA fields of `cfg` (a `DPAConfig`, or any object with those attributes)."""
+    for name in ("num_samples", "iterations", "max_new_tokens", "generation_batch_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    ppi = cfg.prompts_per_iteration
+    if ppi is not None and (isinstance(ppi, bool) or not isinstance(ppi, int) or ppi < 1):
+        raise ValueError(f"prompts_per_iteration={ppi!r} must be an integer >= 1, or None for every prompt")
+    if not (
+        isinstance(cfg.temperature, int | float) and math.isfinite(cfg.temperature) and cfg.temperature > 0
+    ):
+        raise ValueError(f"temperature={cfg.temperature!r} must be a number > 0 (N samples need sampling)")
+    if not (isinstance(cfg.top_p, int | float) and 0 < cfg.top_p <= 1):
+        raise ValueError(f"top_p={cfg.top_p!r} must be in (0, 1]")
+    names = cfg.attribute_names
+    if names is not None:
+        if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"attribute_names={names!r} must be a non-empty list of attribute names")
+        if len(set(names)) != len(names):
+            raise ValueError(f"attribute_names={list(names)} has duplicates")
+    training_directions(cfg)
+    evaluation_directions(cfg)
+
+
+def training_directions(cfg: Any) -> list[tuple[float, ...]]:
+    """`cfg.directions` (normalised), else `(cos t, sin t)` over the angle grid without held-out angles."""
+    k = len(cfg.attribute_names) if cfg.attribute_names is not None else None
+    if cfg.directions is not None:
+        if isinstance(cfg.directions, str) or not cfg.directions:
+            raise ValueError(f"directions={cfg.directions!r} must be a non-empty list of vectors, or None")
+        return [unit_vector(v, k, f"directions[{i}]") for i, v in enumerate(cfg.directions)]
+    if k is not None and k != 2:
+        raise ValueError(
+            f"attribute_names has {k} entries {list(cfg.attribute_names)}: angles describe 2 attributes; "
+            f"give the training directions as `directions` (vectors of {k} numbers)"
+        )
+    return [
+        direction(t) for t in angle_grid(cfg.angle_range_degrees, cfg.angle_step_degrees, cfg.heldout_angles)
+    ]
+
+
+def evaluation_angles(cfg: Any) -> list[float]:
+    """`cfg.eval_angles`, else 7 angles evenly spread over the training range plus the held-out angles."""
+    if cfg.eval_angles is not None:
+        angles = [float(a) for a in cfg.eval_angles]
+        if not angles or not all(math.isfinite(a) for a in angles):
+            raise ValueError(f"eval_angles={cfg.eval_angles!r} must be a non-empty list of finite angles")
+        return angles
+    lo, hi = (float(a) for a in cfg.angle_range_degrees)
+    spread = [round(float(a), 6) for a in np.linspace(lo, hi, 7)]
+    return sorted(set(spread) | {float(a) for a in cfg.heldout_angles})
+
+
+def evaluation_directions(cfg: Any) -> list[tuple[float, ...]]:
+    if cfg.directions is not None:
+        return training_directions(cfg)
+    return [direction(t) for t in evaluation_angles(cfg)]

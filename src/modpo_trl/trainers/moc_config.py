@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from ..conditioning.preference import check_preference
+from .margins import MARGIN_NORMALIZATIONS
+
+PREFERENCE_SAMPLINGS = ("dirichlet", "grid")
+MOO_SOLVERS = ("mgda", "linear")
+MGDA_NORMALIZATIONS = ("l2", "none")
+
+
+@dataclass
+class MOCConfig(DPOConfig):
+    r"""
+    Configuration class for the [`MOCTrainer`]: every [`~trl.DPOConfig`] field plus the ones below.
+
+    MOC (after "One Model for All: Multi-Objective Controllable Language Models") trains ONE policy conditioned on
+    a preference `w` over the objectives (rendered into the prompt by `modpo_trl.conditioning.preference.condition_prompt`), so
+    that a single adapter covers the whole front. Here it is RL-free: every pair carries one objective's label and
+    is trained with a DPO loss under its example's conditioned prompt; objectives without pairs enter through their
+    frozen reward as MODPO's margin.
+
+    Per pair b, labelled by objective i, with preference w, D the objectives with pairs, dr_j the chosen-minus-rejected
+    margin reward of an objective j without pairs, and t = max(sum_{m in D} w_m, 0.01) (see `MOCTrainer`):
+
+        z_b = (beta * (log-ratio of chosen - log-ratio of rejected) - sum_j w_j dr_j) / t     # MODPO's logit
+        L_i = weighted mean over objective i's pairs of -log sigmoid(z_b), pair weight t * w_i / sum_{m in D} w_m
+        C   = mean over objectives of MSE(zscore(achieved implicit reward), zscore(w_i)) = 2 (1 - Pearson r)
+
+    With `w = e_k` this is exactly DPO on objective k's pairs; with one objective with pairs and the others rewards
+    it is MODPO's loss at every `w`; without margins the linear combination is `sum_i w_i L_i`.
+
+    Parameters:
+        objective_names (`list[str]`):
+            One name per objective, in the order of the preference vector `w`. Every objective needs pairs (rows of
+            `train_dataset` whose `objective` column names it) or a margin reward (`margin_rewards[name]`).
+        preference_sampling (`str`, *optional*, defaults to `"dirichlet"`):
+            How each example's `w` is drawn, once, when the data set is prepared (seeded by `seed`; an example keeps
+            its `w` every epoch, which is what lets reference log-probs be precomputed): `"dirichlet"` draws from
+            `Dirichlet(dirichlet_alpha)`, `"grid"` uniformly from the points of a simplex grid with `grid_steps`
+            steps. Draws are rounded to 2 decimals (the precision of the rendered preference).
+        dirichlet_alpha (`float`, *optional*, defaults to `1.0`):
+            Concentration: 1 is uniform on the simplex, < 1 favours the vertices, > 1 the centre.
+        grid_steps (`int`, *optional*, defaults to `10`):
+            Grid resolution for `"grid"` (entries in {0, 1/steps, ..., 1}; steps dividing 100 keep points exact).
+        heldout_preferences (`list[list[float]]`, *optional*):
+            Preferences never trained on, to measure generalisation: grid points equal to one are excluded; Dirichlet
+            draws within L1 distance `heldout_radius` of one are drawn again.
+        heldout_radius (`float`, *optional*, defaults to `0.05`):
+            L1 radius of the held-out neighbourhoods for `"dirichlet"`.
+        moo_solver (`str`, *optional*, defaults to `"mgda"`):
+            How the per-objective losses `L_i` and the control loss `control_weight * C` are combined each step.
+            `"mgda"` (MOC's min-norm solver "at the policy level", the default: it is the method, and costs
+            `k` backward passes through the loss head only): the gradient of each loss with respect to the batch's
+            per-sequence policy log-probs `[log pi(chosen); log pi(rejected)]` (a tensor of shape `(2B,)` that every
+            loss is a function of) is taken with `torch.autograd.grad`, the min-norm combination of these `k` small
+            vectors is found (`modpo_trl.trainers.mgda`: closed form for 2, Frank-Wolfe for more), and `sum_i alpha_i loss_i`
+            is back-propagated once: no extra pass through the model. Losses computed on disjoint pairs have
+            orthogonal gradients in that space, so between them MGDA only balances scales; it resolves the conflicts
+            between each `L_i` and `C`, which share every pair. `"linear"`: the conditioned-MODPO baseline,
+            `alpha_i` = objective i's share of the batch's pair weight, plus `control_weight * C`. Losses without
+            signal in a batch (no weighted pairs; the same `w` on every row) are left out. Evaluation losses always
+            use the linear combination, so runs with either solver compare.
+        mgda_normalization (`str`, *optional*, defaults to `"l2"`):
+            `"l2"`: the solver sees unit gradients and its coefficients are rescaled to the raw losses
+            (`modpo_trl.trainers.mgda.descent_coefficients`), so the update direction does not depend on the losses' scales
+            (`C` is scale-free and its gradient is large while the achieved rewards barely differ, early in
+            training). `"none"`: plain MGDA, where the loss with the smallest gradient takes most of the weight.
+        control_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the controllability loss `C`. `moo_solver="linear"` with `control_weight=0` is plain
+            preference-conditioned MODPO.
+        mgda_max_iter (`int`, *optional*, defaults to `250`):
+            Frank-Wolfe iterations (more than 2 losses).
+        mgda_tol (`float`, *optional*, defaults to `1e-10`):
+            Frank-Wolfe stops when its duality gap is below this.
+        margin_normalization, margin_batch_size, use_score_cache, score_cache_dir:
+            As in [`MODPOConfig`], for the margin rewards of objectives without pairs (scored once before training,
+            cached by content and shared with MODPO runs on the same pairs).
+
+    Only `loss_type="sigmoid"` with `f_divergence_type="reverse_kl"` is supported (the loss is computed per pair,
+    to weight it by its own preference).
+
+    Logged metrics: TRL's `rewards/*` (`beta` x log-ratios, before margins), `logps/*` and `entropy`, plus
+    `moc/loss_<name>` (L_i), `moc/control_mse` (C, unweighted), `moc/alpha_<name>` and `moc/alpha_control` (the
+    coefficients each loss was back-propagated with; 0 for a loss left out of a batch and for objectives without
+    pairs, which have no loss of their own).
+    """
+
+    objective_names: list[str] | None = field(
+        default=None, metadata={"help": "Names of the objectives, in the order of the preference vector."}
+    )
+    preference_sampling: str = field(
+        default="dirichlet", metadata={"help": "How training preferences are drawn: 'dirichlet' or 'grid'."}
+    )
+    dirichlet_alpha: float = field(default=1.0, metadata={"help": "Dirichlet concentration (1: uniform)."})
+    grid_steps: int = field(
+        default=10, metadata={"help": "Steps of the simplex grid for preference_sampling='grid'."}
+    )
+    heldout_preferences: list[list[float]] | None = field(
+        default=None, metadata={"help": "Preferences never trained on (generalisation is measured on them)."}
+    )
+    heldout_radius: float = field(
+        default=0.05, metadata={"help": "L1 radius around held-out preferences that Dirichlet draws avoid."}
+    )
+    moo_solver: str = field(default="mgda", metadata={"help": "How losses are combined: 'mgda' or 'linear'."})
+    control_weight: float = field(default=1.0, metadata={"help": "Weight of the controllability loss."})
+    mgda_normalization: str = field(
+        default="l2",
+        metadata={"help": "Gradients given to the MGDA solver: 'l2' (unit length) or 'none' (raw)."},
+    )
+    mgda_max_iter: int = field(
+        default=250, metadata={"help": "Frank-Wolfe iterations for more than 2 losses."}
+    )
+    mgda_tol: float = field(default=1e-10, metadata={"help": "Frank-Wolfe duality-gap tolerance."})
+    margin_normalization: str = field(
+        default="none", metadata={"help": "How margin rewards are scaled: 'none' (raw) or 'zscore'."}
+    )
+    margin_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size for scoring margin rewards; defaults to per_device_eval_batch_size."},
+    )
+    use_score_cache: bool = field(
+        default=True, metadata={"help": "Cache margin rewards by content fingerprint."}
+    )
+    score_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache directory; defaults to $MODPO_TRL_CACHE or ~/.cache/modpo_trl."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        names = self.objective_names
+        if not names or isinstance(names, str) or len(names) < 2:
+            raise ValueError(
+                f"objective_names={names!r} must list at least 2 objectives, in the order of the preference vector"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective_names={list(names)} must be unique")
+        _check_choice("preference_sampling", self.preference_sampling, PREFERENCE_SAMPLINGS)
+        _check_choice("moo_solver", self.moo_solver, MOO_SOLVERS)
+        _check_choice("mgda_normalization", self.mgda_normalization, MGDA_NORMALIZATIONS)
+        _check_choice("margin_normalization", self.margin_normalization, MARGIN_NORMALIZATIONS)
+        _check_number("dirichlet_alpha", self.dirichlet_alpha, strict=True)
+        _check_number("heldout_radius", self.heldout_radius, strict=False)
+        _check_number("control_weight", self.control_weight, strict=False)
+        _check_number("mgda_tol", self.mgda_tol, strict=True)
+        for name in ("grid_steps", "mgda_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        self.heldout_preferences = [
+            check_preference(w, len(names), f"heldout_preferences[{i}]")
+            for i, w in enumerate(self.heldout_preferences or [])
+        ]
+        if self.loss_type != ["sigmoid"]:
+            raise ValueError(f"loss_type={self.loss_type} is not supported by MOC; valid: ['sigmoid']")
+        if self.f_divergence_type != "reverse_kl":
+            raise ValueError(
+                f"f_divergence_type={self.f_divergence_type!r} is not supported by MOC; valid: ['reverse_kl']"
+            )
+        if self.ld_alpha is not None or self.use_weighting:
+            raise ValueError(
+                f"ld_alpha={self.ld_alpha!r} / use_weighting={self.use_weighting!r} are not supported by MOC; "
+                "valid: ld_alpha=None, use_weighting=False"
+            )
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; valid: {list(valid)}")
+
+
+def _check_number(name: str, value: float, strict: bool) -> None:
+    """`value` must be a finite number, `> 0` when `strict`, else `>= 0`."""
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or value < 0 or (strict and value == 0):
+        raise ValueError(f"{name}={value!r} must be a finite number {'> 0' if strict else '>= 0'}")

@@ -1,0 +1,394 @@
+"""MOC: one preference-conditioned policy for the whole Pareto front, RL-free, as a thin `DPOTrainer` subclass."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, concatenate_datasets
+from trl import DPOTrainer
+
+from ..conditioning.preference import check_preference, condition_prompt, sample_preferences
+from ..rewards.sources import RewardSource, as_reward_source
+from .margins import CHOSEN_MARGINS, MARGIN_COLUMNS, REJECTED_MARGINS, MarginCollator, MarginScorer
+from .mgda import descent_coefficients
+from .moc_config import MOCConfig
+
+OBJECTIVE, OBJECTIVE_ID, PREFERENCE = "objective", "objective_id", "preference"
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", OBJECTIVE)
+# MODPO divides by the preference mass on the objectives with pairs: kept >= the precision of a rendered preference.
+MIN_DATA_WEIGHT = 0.01
+# Added to the variance of the achieved rewards in their z-scores: they are all ~0 at the start of training.
+CONTROL_VARIANCE_FLOOR = 1e-2
+
+
+class MOCTrainer(DPOTrainer):
+    """A preference-conditioned multi-objective DPO trainer (see [`MOCConfig`] for the loss and the solvers).
+
+    Same constructor as `DPOTrainer`, except:
+      - `train_dataset` (and `eval_dataset`) hold the pairs of every objective that has pairs, with an `objective`
+        column naming the objective that labelled each pair (`objective_pairs({name: pairs, ...})` builds it). A
+        `preference` column, if present, fixes each row's `w`; otherwise `w` is sampled per row (`MOCConfig`).
+      - `margin_rewards`: `{objective name: frozen reward source}` for the objectives without pairs (a callable
+        `fn(prompts, responses) -> floats`, `RewardModel`, `ImplicitReward` or `ColumnReward`). They are scored once
+        on the unconditioned pairs, with MODPOTrainer's code and cache (so a MODPO sweep's scores are reused).
+
+    Each row's prompt is conditioned on its `w` (`modpo_trl.conditioning.preference.condition_prompt`) before tokenisation. Per
+    pair b of objective i with preference w, `delta_b` the chosen-minus-rejected policy/reference log-ratio, `dr_j`
+    the chosen-minus-rejected margin reward of objective j (0 for objectives with pairs), `D` the objectives with
+    pairs and `t = max(sum_{m in D} w_m, 0.01)`:
+
+        z_b   = (beta * delta_b - sum_j w_j dr_j) / t           # MODPO's logit with target mass t
+        l_b   = -log sigmoid(z_b)
+        u_b   = t * w_i / sum_{m in D} w_m                      # = w_i without margins, = t with one objective in D
+        L_i   = sum_{b of i} u_b l_b / sum_{b of i} u_b
+        linear loss = sum_b u_b l_b / sum_b u_b  (+ control_weight * C)
+
+    so `w = e_k` gives exactly DPO on objective k's pairs, and with one objective in `D` every `w` gives MODPO's loss
+    (weighted by its target weight, which keeps each pair's gradient bounded as that weight goes to 0). The
+    controllability loss `C` asks the achieved implicit reward `beta * delta_b` of each objective (on its own pairs;
+    for an objective with only a reward, on every pair, oriented by the sign of `dr_j`) to rise with that
+    objective's weight across the batch: the MSE between their z-scores, `2 (1 - Pearson r)`, a differentiable
+    stand-in for MOC's controllability metric (rank correlation between requested weight and achieved reward).
+    """
+
+    _tag_names = ["trl", "moc", "modpo_trl"]
+    _name = "MOC"
+    _paper = {
+        "title": "One Model for All: Multi-Objective Controllable Language Models",
+        "id": "2604.04497",
+        "citation": textwrap.dedent("""\
+            @article{he2026one,
+                title   = {{One Model for All: Multi-Objective Controllable Language Models}},
+                author  = {Qiang He and Yucheng Yang and Tianyi Zhou and Meng Fang and Mykola Pechenizkiy and Setareh Maghsudi},
+                year    = 2026,
+                journal = {arXiv preprint arXiv:2604.04497},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: MOCConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        margin_rewards: Mapping[str, RewardSource | Callable] | None = None,
+    ):
+        if not isinstance(args, MOCConfig):
+            raise TypeError(
+                f"args must be a MOCConfig (it carries objective_names), got {type(args).__name__}"
+            )
+        if compute_metrics is not None:
+            raise ValueError(
+                "compute_metrics is not supported by MOCTrainer (its losses are computed per pair)"
+            )
+        names = list(args.objective_names)
+        margin_rewards = dict(margin_rewards or {})
+        unknown = [k for k in margin_rewards if k not in names]
+        if unknown:
+            raise ValueError(f"margin_rewards has objective(s) {unknown} not in objective_names={names}")
+        self.objective_names = names
+        self.margin_names = [n for n in names if n in margin_rewards]
+        self.margin_sources = [as_reward_source(margin_rewards[n], repr(n)) for n in self.margin_names]
+        # Scored with MODPOTrainer's code and cache keys, so a MODPO sweep's margins are reused.
+        self._margins = MarginScorer.for_config(self.margin_sources, args)
+        self._has_pairs = torch.tensor([n not in margin_rewards for n in names])
+
+        train_dataset = self._prepare_preferences(train_dataset, "train_dataset", args, args.seed)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                k: self._prepare_preferences(d, f"eval_dataset[{k!r}]", args, args.seed + 1)
+                for k, d in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_preferences(eval_dataset, "eval_dataset", args, args.seed + 1)
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self.data_collator = PreferenceCollator(MarginCollator(self.data_collator))
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _prepare_preferences(self, dataset: Any, field_name: str, args: MOCConfig, seed: int) -> Dataset:
+        """Checks `dataset`, scores the margins, gives each row its `w` and conditions its prompt on it."""
+        names = self.objective_names
+        _check_dataset(dataset, field_name)
+        labels = set(dataset[OBJECTIVE])
+        unknown = sorted(labels - set(names))
+        if unknown:
+            raise ValueError(f"{field_name}: column {OBJECTIVE!r} has value(s) {unknown}; valid: {names}")
+        both = sorted(labels & set(self.margin_names))
+        if both:
+            raise ValueError(
+                f"{field_name} has pairs for {both}, which also have a margin reward: give an objective pairs "
+                "(it is trained with DPO on them) or a margin reward (MODPO's margin), not both"
+            )
+        if field_name == "train_dataset":
+            missing = [n for n in names if n not in labels and n not in self.margin_names]
+            if missing:
+                raise ValueError(
+                    f"objective(s) {missing} have no pairs in train_dataset (column {OBJECTIVE!r}) and no entry in "
+                    "margin_rewards: every objective needs one or the other"
+                )
+        dataset = self._margins.add(dataset)
+        ids = [names.index(label) for label in dataset[OBJECTIVE]]
+        dataset = dataset.remove_columns([c for c in (OBJECTIVE_ID,) if c in dataset.column_names])
+        dataset = dataset.add_column(OBJECTIVE_ID, ids)
+        if PREFERENCE in dataset.column_names:
+            for i, w in enumerate(dataset[PREFERENCE]):
+                check_preference(w, len(names), f"{field_name}[{i}][{PREFERENCE!r}]")
+        else:
+            weights = sample_preferences(
+                len(dataset),
+                len(names),
+                method=args.preference_sampling,
+                dirichlet_alpha=args.dirichlet_alpha,
+                grid_steps=args.grid_steps,
+                heldout=args.heldout_preferences,
+                heldout_radius=args.heldout_radius,
+                seed=seed,
+            )
+            dataset = dataset.add_column(PREFERENCE, weights.tolist())
+        return dataset.map(
+            lambda row: {"prompt": condition_prompt(row["prompt"], row[PREFERENCE], names)},
+            desc=f"Conditioning {field_name} prompts on their preference",
+        )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in (*MARGIN_COLUMNS, OBJECTIVE_ID, PREFERENCE):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # A dataset handed to `evaluate` directly needs margins and conditioned prompts too.
+        def prepare(dataset, name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return self._prepare_preferences(dataset, name, self.args, self.args.seed + 1)
+
+        if isinstance(eval_dataset, Dataset):
+            eval_dataset = prepare(eval_dataset, "eval_dataset")
+        elif isinstance(eval_dataset, dict):
+            eval_dataset = {k: prepare(d, f"eval_dataset[{k!r}]") for k, d in eval_dataset.items()}
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("MOCTrainer does not return model outputs (compute_metrics is not supported)")
+        inputs = dict(inputs)
+        preferences, objective_ids = inputs.pop(PREFERENCE), inputs.pop(OBJECTIVE_ID)
+        chosen_r, rejected_r = inputs.pop(CHOSEN_MARGINS), inputs.pop(REJECTED_MARGINS)
+        if "ref_chosen_logps" in inputs:
+            ref_chosen, ref_rejected = inputs.pop("ref_chosen_logps"), inputs.pop("ref_rejected_logps")
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        logps, outputs = self._sequence_logps(model, inputs)  # (2B,): the tensor MGDA works on
+        chosen_logps, rejected_logps = logps.chunk(2)
+        delta = (chosen_logps - ref_chosen) - (rejected_logps - ref_rejected)
+        # Margin rewards of the objectives without pairs, as (B, n) chosen-minus-rejected differences (0 elsewhere).
+        has_pairs = self._has_pairs.to(preferences.device)
+        margin_diffs = torch.zeros_like(preferences)
+        margin_diffs[:, ~has_pairs] = (chosen_r - rejected_r).to(preferences)
+
+        losses, linear = moc_losses(delta, preferences, objective_ids, margin_diffs, has_pairs, self.beta)
+        if self.args.control_weight > 0:
+            control = control_loss(self.beta * delta, preferences, objective_ids, margin_diffs, has_pairs)
+            if control is not None:
+                losses["control"] = self.args.control_weight * control
+                linear["control"] = 1.0
+        keys, args = list(losses), self.args
+        if args.moo_solver == "mgda" and logps.requires_grad and len(keys) > 1:
+            # MGDA on the gradients w.r.t. the (2B,) log-probs: k small vectors, no extra pass through the model.
+            grads = torch.stack([torch.autograd.grad(losses[k], logps, retain_graph=True)[0] for k in keys])
+            coefficients = descent_coefficients(
+                grads, args.mgda_normalization, args.mgda_max_iter, args.mgda_tol
+            )
+            alphas = dict(zip(keys, coefficients, strict=True))
+        else:
+            alphas = {k: torch.tensor(linear[k]) for k in keys}
+        # No weighted pair and no control signal in this batch (e.g. w = e_k on other objectives' pairs): no update.
+        loss = sum((alphas[k].to(losses[k]) * losses[k] for k in keys), start=0.0 * logps.sum())
+
+        self._log_metrics(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, outputs, inputs, losses, alphas
+        )
+        return loss
+
+    def _sequence_logps(self, model, inputs):
+        """Summed completion log-probs of the policy, `[chosen; rejected]`, with TRL's fused LM head."""
+        model_kwargs = {k: v for k, v in inputs.items() if k != "completion_mask"}
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
+        seq_len = completion_mask.size(1) - 1  # prompt-learning PEFT prepends virtual tokens to the outputs
+        return outputs.log_probs[:, -seq_len:].sum(dim=1), outputs
+
+    def _log_metrics(
+        self, chosen_logps, rejected_logps, ref_chosen, ref_rejected, outputs, inputs, losses, alphas
+    ):
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen).detach()
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected).detach()
+        mask = inputs["completion_mask"][:, 1:].bool()
+        entropy = outputs.entropy[:, -mask.size(1) :].detach()
+        metrics = {
+            "rewards/chosen": gather(chosen_rewards).mean(),
+            "rewards/rejected": gather(rejected_rewards).mean(),
+            "rewards/accuracies": gather((chosen_rewards > rejected_rewards).float()).mean(),
+            "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": gather(chosen_logps.detach()).mean(),
+            "logps/rejected": gather(rejected_logps.detach()).mean(),
+            "entropy": gather(entropy[mask].sum()).sum() / gather(mask.sum()).sum().clamp(min=1),
+        }
+        # Per-objective values: a loss left out of this batch is NaN (averaged over the processes that have it), its
+        # coefficient 0.
+        keys = [*range(len(self.objective_names)), "control"]
+        values = [losses[k].item() if k in losses else float("nan") for k in keys]
+        if "control" in losses:
+            values[-1] /= self.args.control_weight  # logged unweighted
+        coefficients = [float(alphas[k]) if k in alphas else 0.0 for k in keys]
+        gathered = gather(torch.tensor([[values, coefficients]], device=chosen_logps.device))
+        values, coefficients = gathered[:, 0].nanmean(0), gathered[:, 1].mean(0)
+        for j, name in enumerate([*self.objective_names, "control"]):
+            if not torch.isnan(values[j]):
+                metrics["moc/control_mse" if name == "control" else f"moc/loss_{name}"] = values[j]
+            metrics[f"moc/alpha_{name}"] = coefficients[j]
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(float(value))
+
+
+def moc_losses(
+    delta: torch.Tensor,
+    preferences: torch.Tensor,
+    objective_ids: torch.Tensor,
+    margin_diffs: torch.Tensor,
+    has_pairs: torch.Tensor,
+    beta: float,
+) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Per-objective losses `L_i` (objectives with weighted pairs in the batch) and their linear coefficients
+    (each objective's share of the batch's weight), as in the `MOCTrainer` docstring.
+
+    `delta`: (B,) chosen-minus-rejected policy/reference log-ratio; `preferences`, `margin_diffs`: (B, n);
+    `objective_ids`: (B,) the objective labelling each pair; `has_pairs`: (n,) bool.
+    """
+    data_mass = preferences[:, has_pairs].sum(dim=1)
+    own = preferences.gather(1, objective_ids[:, None]).squeeze(1)
+    share = torch.where(data_mass > 0, own / data_mass.clamp(min=1e-12), 1.0 / int(has_pairs.sum()))
+    t = data_mass.clamp(min=MIN_DATA_WEIGHT)
+    z = (beta * delta - (preferences * margin_diffs).sum(dim=1)) / t
+    pair_loss, weight = -F.logsigmoid(z), share * t
+    losses, mass = {}, {}
+    for i in objective_ids.unique().tolist():
+        rows = objective_ids == i
+        if weight[rows].sum() > 0:
+            mass[i] = weight[rows].sum()
+            losses[i] = (weight[rows] * pair_loss[rows]).sum() / mass[i]
+    total = sum(mass.values())
+    return losses, {i: float(m / total) for i, m in mass.items()}
+
+
+def control_loss(
+    achieved: torch.Tensor,
+    preferences: torch.Tensor,
+    objective_ids: torch.Tensor,
+    margin_diffs: torch.Tensor,
+    has_pairs: torch.Tensor,
+) -> torch.Tensor | None:
+    """Mean over objectives of `MSE(zscore(achieved reward), zscore(w_i))` across the batch, or `None` when no
+    objective has 2 rows with different weights. `achieved`: (B,) implicit reward margins `beta * delta`."""
+
+    def zscore(x, variance_floor=0.0):
+        return (x - x.mean()) / (x.var(unbiased=False) + variance_floor).sqrt()
+
+    terms = []
+    for i in range(preferences.size(1)):
+        if has_pairs[i]:
+            rows, sign = objective_ids == i, torch.ones_like(achieved)
+        else:  # a reward-only objective: every pair, oriented by which response its reward prefers
+            sign = margin_diffs[:, i].sign()
+            rows = sign != 0
+        target = preferences[rows, i]
+        if target.numel() >= 2 and target.std() > 1e-6:
+            terms.append(
+                ((zscore(achieved[rows] * sign[rows], CONTROL_VARIANCE_FLOOR) - zscore(target)) ** 2).mean()
+            )
+    return torch.stack(terms).mean() if terms else None
+
+
+@dataclass
+class PreferenceCollator:
+    """Wraps a preference collator and adds each row's preference `(B, n)` and objective id `(B,)`."""
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        batch[PREFERENCE] = torch.tensor([e[PREFERENCE] for e in examples], dtype=torch.float32)
+        batch[OBJECTIVE_ID] = torch.tensor([e[OBJECTIVE_ID] for e in examples], dtype=torch.long)
+        return batch
+
+
+def objective_pairs(datasets: Mapping[str, Dataset]) -> Dataset:
+    """`{objective name: its preference pairs}` -> one data set with an `objective` column, for `MOCTrainer`.
+
+    Columns all the data sets share are kept (a `ColumnReward` margin reads its scores from them).
+    """
+    if not datasets:
+        raise ValueError("objective_pairs needs at least one {objective name: pairs} entry")
+    for name, pairs in datasets.items():
+        _check_dataset(pairs, f"the pairs of {name!r}", columns=REQUIRED_COLUMNS[:3])
+    shared = set.intersection(*(set(d.column_names) for d in datasets.values())) - {OBJECTIVE}
+    parts = []
+    for name, pairs in datasets.items():
+        pairs = pairs.remove_columns([c for c in pairs.column_names if c not in shared])
+        parts.append(pairs.add_column(OBJECTIVE, [name] * len(pairs)))
+    kinds = {name: isinstance(p[0]["prompt"], list) for name, p in zip(datasets, parts, strict=True)}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            f"objectives mix conversational and string prompts ({kinds}); use one format for all"
+        )
+    return concatenate_datasets(parts)
+
+
+def _check_dataset(dataset: Any, field_name: str, columns: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
+    if dataset is None:
+        raise ValueError(f"{field_name} is required")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"{field_name} must be a datasets.Dataset, got {type(dataset).__name__}")
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        hint = " (the objective that labelled each pair; objective_pairs({name: pairs}) adds it)"
+        raise ValueError(
+            f"{field_name} is missing column(s) {missing}; it has {dataset.column_names}, MOC needs {list(columns)}"
+            + (hint if OBJECTIVE in missing else "")
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{field_name} is empty: it needs at least one (prompt, chosen, rejected) row")

@@ -1,0 +1,359 @@
+"""MOCTrainer: conditioned prompts, the loss (vertex = DPO, one objective with pairs = MODPO, hand computations),
+both solvers end to end with a reloadable adapter, and bad input."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from trl import DPOConfig, DPOTrainer
+
+from modpo_trl import MODPOConfig, MODPOTrainer
+from modpo_trl.conditioning.preference import condition_prompt, render_preference
+from modpo_trl.rewards.scorers import text_of
+from modpo_trl.rewards.sources import sequence_logps
+from modpo_trl.testing import CHAT_TEMPLATE, SPECIAL, WORDS, tiny_causal_lm, toy_preference_dataset
+from modpo_trl.trainers.moc_config import MOCConfig
+from modpo_trl.trainers.moc_trainer import (
+    CONTROL_VARIANCE_FLOOR,
+    MOCTrainer,
+    control_loss,
+    moc_losses,
+    objective_pairs,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+NAMES = ["kind", "safe", "short"]  # kind and safe have pairs, short only a reward (its margin)
+COMMON = dict(
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=4,
+    report_to="none",
+    save_strategy="no",
+    use_cpu=True,
+    bf16=False,
+    disable_tqdm=True,
+    seed=0,
+)
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def preference_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny WordLevel tokenizer plus what a rendered preference needs: digits, punctuation, a system role."""
+    roles = ["<|system|>", "<|user|>", "<|assistant|>"]
+    extra = ["Preference", "weights", ":", "=", ",", ".", *"0123456789"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIAL + roles + WORDS + extra))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=roles,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def tok():
+    return preference_tokenizer()
+
+
+def n_words(prompts, responses):
+    return [float(len(text_of(r).split())) for r in responses]
+
+
+def pairs(conversational=False, n=8):
+    return objective_pairs(
+        {
+            "kind": toy_preference_dataset(n, seed=0, conversational=conversational),
+            "safe": toy_preference_dataset(n, seed=1, conversational=conversational),
+        }
+    )
+
+
+def make_moc(tok, tmp_path, data=None, model=None, ref_model=None, margins=None, peft=False, **kwargs):
+    args = MOCConfig(**{**COMMON, "output_dir": str(tmp_path / "moc"), "objective_names": NAMES, **kwargs})
+    return MOCTrainer(
+        model=model or tiny_causal_lm(tok),
+        ref_model=ref_model,
+        args=args,
+        train_dataset=data if data is not None else pairs(),
+        processing_class=tok,
+        margin_rewards={"short": n_words} if margins is None else margins,
+        peft_config=LoraConfig(**LORA) if peft else None,
+    )
+
+
+def despace(text):
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_every_prompt_is_tokenised_with_its_own_rendered_preference(tok, tmp_path, conversational):
+    trainer = make_moc(tok, tmp_path, pairs(conversational), peft=True)
+    rows = trainer.train_dataset
+    assert len({tuple(w) for w in rows["preference"]}) > 10  # one draw per example
+    for row in rows:
+        decoded = tok.decode(row["prompt_ids"])
+        assert despace(render_preference(row["preference"], NAMES)) in despace(decoded)
+        assert decoded.startswith("<|system|> Preference" if conversational else "Preference")
+        assert NAMES[row["objective_id"]] == row["objective"]
+
+
+def dpo_loss_and_grads(model, ref_model, rows, tok, tmp_path):
+    dpo = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=DPOConfig(**COMMON, output_dir=str(tmp_path / "dpo")),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
+    batch = dpo.data_collator([dpo.train_dataset[i] for i in range(len(rows))])
+    loss = dpo.compute_loss(dpo.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in dpo.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("solver", ["linear", "mgda"])
+def test_vertex_preference_is_dpo_on_that_objectives_pairs(tok, tmp_path, solver):
+    """Every w = e_kind (a grid with the other vertices held out): pairs of `safe` weigh nothing, the margin of
+    `short` vanishes, the control loss has no signal, and the loss and gradients are TRL's DPO on kind's pairs."""
+    policy, ref = tiny_causal_lm(tok, seed=1), tiny_causal_lm(tok, seed=2)  # log-ratios far from 0
+    trainer = make_moc(
+        tok,
+        tmp_path,
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(ref),
+        preference_sampling="grid",
+        grid_steps=1,
+        heldout_preferences=[[0, 1, 0], [0, 0, 1]],
+        moo_solver=solver,
+    )
+    data = trainer.train_dataset
+    assert set(map(tuple, data["preference"])) == {(1.0, 0.0, 0.0)}
+    rows = [data[i] for i in (0, 8, 1, 9, 2, 10)]  # kind, safe, kind, safe, ...
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    loss.backward()
+    kind = [r for r in rows if r["objective"] == "kind"]
+    raw = pairs()
+    expected_loss, expected_grads = dpo_loss_and_grads(
+        copy.deepcopy(policy),
+        copy.deepcopy(ref),
+        [
+            {
+                "prompt": condition_prompt(raw[i]["prompt"], [1, 0, 0], NAMES),
+                "chosen": raw[i]["chosen"],
+                "rejected": raw[i]["rejected"],
+            }
+            for i in (0, 1, 2)
+        ],
+        tok,
+        tmp_path,
+    )
+    assert [r["prompt"] for r in kind] == [
+        condition_prompt(raw[i]["prompt"], [1, 0, 0], NAMES) for i in (0, 1, 2)
+    ]
+    assert abs(expected_loss.item() - math.log(2)) > 1e-3  # not the trivial value at pi == pi_ref
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_one_objective_with_pairs_is_modpo_at_every_preference(tok, tmp_path):
+    """Pairs of `kind` and the margin of `short`, w = (0.7, 0.3) on every row: the linear loss without control is
+    MODPO's loss with weights (0.7, 0.3) on the same conditioned prompts."""
+    names, w = ["kind", "short"], [0.7, 0.3]
+    policy, ref = tiny_causal_lm(tok, seed=1), tiny_causal_lm(tok, seed=2)
+    raw = toy_preference_dataset(6, seed=0)
+    data = objective_pairs({"kind": raw}).add_column("preference", [w] * 6)
+    moc = MOCTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(ref),
+        args=MOCConfig(
+            **COMMON,
+            output_dir=str(tmp_path / "m"),
+            objective_names=names,
+            moo_solver="linear",
+            control_weight=0,
+        ),
+        train_dataset=data,
+        processing_class=tok,
+        margin_rewards={"short": n_words},
+    )
+    conditioned = raw.map(lambda r: {"prompt": condition_prompt(r["prompt"], w, names)})
+    modpo = MODPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(ref),
+        args=MODPOConfig(**COMMON, output_dir=str(tmp_path / "p"), weights=w),
+        train_dataset=conditioned,
+        processing_class=tok,
+        margin_rewards=[n_words],
+    )
+    rows = list(range(6))
+    moc_loss = moc.compute_loss(moc.model, moc.data_collator([moc.train_dataset[i] for i in rows]))
+    modpo_loss = modpo.compute_loss(modpo.model, modpo.data_collator([modpo.train_dataset[i] for i in rows]))
+    torch.testing.assert_close(moc_loss, modpo_loss)
+
+
+def test_loss_matches_hand_computation():
+    beta = 0.1
+    delta = [0.5, -1.0, 2.0, 0.3, 1.2]
+    w = [[0.6, 0.1, 0.3], [0.2, 0.2, 0.6], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0]]
+    ids = [0, 0, 1, 1, 1]
+    dr = [1.0, -2.0, 0.5, 3.0, 0.0]  # margin of objective 2 (no pairs)
+    losses, linear = moc_losses(
+        torch.tensor(delta),
+        torch.tensor(w),
+        torch.tensor(ids),
+        torch.tensor([[0, 0, d] for d in dr]),
+        torch.tensor([True, True, False]),
+        beta,
+    )
+    pair_loss, weight = [], []
+    for b in range(5):
+        mass = w[b][0] + w[b][1]
+        t = max(mass, 0.01)
+        z = (beta * delta[b] - w[b][2] * dr[b]) / t
+        pair_loss.append(math.log1p(math.exp(-z)))
+        weight.append(t * (w[b][ids[b]] / mass if mass > 0 else 0.5))
+    assert weight[3] == pytest.approx(0.005)  # no weight on objectives with pairs: half the 0.01 floor each
+    expected = {
+        i: sum(weight[b] * pair_loss[b] for b in range(5) if ids[b] == i)
+        / sum(weight[b] for b in range(5) if ids[b] == i)
+        for i in (0, 1)
+    }
+    assert {i: v.item() for i, v in losses.items()} == pytest.approx(expected)
+    mass = [sum(weight[b] for b in range(5) if ids[b] == i) for i in (0, 1)]
+    assert linear == pytest.approx({0: mass[0] / sum(mass), 1: mass[1] / sum(mass)})
+
+
+def test_control_loss_is_the_mse_of_z_scores():
+    w = torch.tensor([[0.1, 0.9], [0.4, 0.6], [0.7, 0.3], [0.9, 0.1]])
+    ids, has_pairs = torch.zeros(4, dtype=torch.long), torch.tensor([True, False])
+    margins = torch.tensor(
+        [[0.0, 1.0], [0.0, -1.0], [0.0, 1.0], [0.0, 0.0]]
+    )  # last pair: no preference for 1
+    achieved = torch.tensor([-1.0, 0.5, 1.0, 3.0])
+
+    def z(x, floor=0.0):
+        return (x - x.mean()) / (x.var(unbiased=False) + floor).sqrt()
+
+    expected_0 = F.mse_loss(z(achieved, CONTROL_VARIANCE_FLOOR), z(w[:, 0]))
+    oriented = achieved[:3] * torch.tensor([1.0, -1.0, 1.0])
+    expected_1 = F.mse_loss(z(oriented, CONTROL_VARIANCE_FLOOR), z(w[:3, 1]))
+    torch.testing.assert_close(
+        control_loss(achieved, w, ids, margins, has_pairs), (expected_0 + expected_1) / 2
+    )
+    # rising with w: ~0; falling: ~4 (= 2 (1 - r)); one objective, constant w: no signal
+    rising = torch.tensor([10.0, 40.0, 70.0, 90.0])
+    no_margin = torch.zeros(4, 2)
+    assert control_loss(rising, w, ids, no_margin, has_pairs).item() < 1e-4
+    assert control_loss(-rising, w, ids, no_margin, has_pairs).item() == pytest.approx(4.0, abs=1e-3)
+    assert control_loss(rising, torch.full((4, 2), 0.5), ids, no_margin, has_pairs) is None
+
+
+@pytest.mark.parametrize("solver", ["linear", "mgda"])
+def test_training_saves_one_adapter_that_takes_any_preference(tok, tmp_path, solver):
+    trainer = make_moc(
+        tok, tmp_path, peft=True, moo_solver=solver, max_steps=3, logging_steps=1, learning_rate=1e-2
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(math.isfinite(entry["loss"]) for entry in logs)
+    expected = {"rewards/margins", "logps/chosen", "moc/loss_kind", "moc/loss_safe", "moc/control_mse"}
+    expected |= {f"moc/alpha_{name}" for name in [*NAMES, "control"]}
+    assert expected <= logs[-1].keys()
+    assert logs[-1]["moc/alpha_short"] == 0.0  # a margin-only objective has no loss of its own
+    alphas = [entry[f"moc/alpha_{n}"] for entry in logs for n in ("kind", "safe", "control")]
+    assert min(alphas) >= 0 and all(
+        sum(entry[f"moc/alpha_{n}"] for n in ("kind", "safe")) == pytest.approx(1.0)
+        for entry in logs
+        if solver == "linear"
+    )
+    trainer.save_model(str(tmp_path / "adapter"))
+
+    base = tiny_causal_lm(tok)  # same seed as the trained policy's base
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    messages = [{"role": "user", "content": "write a short story"}]
+    response = [{"role": "assistant", "content": "the cat sat on the mat"}]
+
+    def logp(w):
+        prompt = tok.apply_chat_template(condition_prompt(messages, w, NAMES), add_generation_prompt=True)
+        full = tok.apply_chat_template(condition_prompt(messages, w, NAMES) + response)
+        prompt, full = prompt["input_ids"], full["input_ids"]
+        mask = torch.tensor([[0] * len(prompt) + [1] * (len(full) - len(prompt))])
+        ids = torch.tensor([full])
+        with torch.no_grad():
+            return sequence_logps(
+                model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask}
+            )
+
+    a, b = logp([0.8, 0.1, 0.1]), logp([0.1, 0.1, 0.8])
+    assert torch.isfinite(a) and torch.isfinite(b) and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(preference_sampling="uniform"),
+            r"preference_sampling='uniform' is not valid; valid: \['dirichlet', 'grid'\]",
+        ),
+        (dict(moo_solver="pcgrad"), r"moo_solver='pcgrad' is not valid; valid: \['mgda', 'linear'\]"),
+        (
+            dict(heldout_preferences=[[0.5, 0.5]]),
+            r"heldout_preferences\[0\]=\[0.5, 0.5\] must be a list of 3 numbers",
+        ),
+        (
+            dict(heldout_preferences=[[0.5, 0.5, 0.5]]),
+            r"heldout_preferences\[0\]=\[0.5, 0.5, 0.5\] sums to 1.5",
+        ),
+        (dict(objective_names=["kind"]), r"objective_names=\['kind'\] must list at least 2 objectives"),
+        (dict(dirichlet_alpha=0), r"dirichlet_alpha=0 must be a finite number > 0"),
+        (dict(control_weight=-1.0), r"control_weight=-1.0 must be a finite number >= 0"),
+        (dict(grid_steps=0), r"grid_steps=0 must be an integer >= 1"),
+        (dict(mgda_normalization="loss"), r"mgda_normalization='loss' is not valid; valid: \['l2', 'none'\]"),
+        (dict(loss_type="ipo"), r"loss_type=\['ipo'\] is not supported by MOC; valid: \['sigmoid'\]"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        MOCConfig(**{**COMMON, "output_dir": str(tmp_path), "objective_names": NAMES, **kwargs})
+
+
+def test_data_errors_name_the_problem(tok, tmp_path):
+    with pytest.raises(ValueError, match=r"objective\(s\) \['short'\] have no pairs in train_dataset"):
+        make_moc(tok, tmp_path, margins={})
+    with pytest.raises(
+        ValueError, match=r"margin_rewards has objective\(s\) \['long'\] not in objective_names"
+    ):
+        make_moc(tok, tmp_path, margins={"short": n_words, "long": n_words})
+    with pytest.raises(
+        ValueError, match=r"train_dataset has pairs for \['safe'\], which also have a margin reward"
+    ):
+        make_moc(tok, tmp_path, margins={"short": n_words, "safe": n_words})
+    with pytest.raises(ValueError, match=r"column 'objective' has value\(s\) \['helpful'\]; valid: \['kind'"):
+        make_moc(tok, tmp_path, data=objective_pairs({"helpful": toy_preference_dataset(4)}))
+    with pytest.raises(ValueError, match=r"train_dataset is missing column\(s\) \['objective'\]"):
+        make_moc(tok, tmp_path, data=toy_preference_dataset(4))
+    fixed = pairs(n=2).add_column("preference", [[0.5, 0.5, 0.5]] * 4)
+    with pytest.raises(ValueError, match=r"train_dataset\[0\]\['preference'\]=\[0.5, 0.5, 0.5\] sums to 1.5"):
+        make_moc(tok, tmp_path, data=fixed)
