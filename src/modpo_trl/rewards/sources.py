@@ -9,10 +9,11 @@ a path is only loaded when scores are actually needed (a cache hit loads nothing
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
+import uuid
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -33,6 +33,7 @@ from trl.trainer.utils import hash_module
 
 from ..loading import load_model, load_tokenizer
 from .cache import fingerprint, path_fingerprint
+from .callables import Unfingerprintable, callable_fingerprint
 
 Prompt = str | list[dict[str, Any]]
 Response = str | list[dict[str, Any]]
@@ -92,22 +93,54 @@ class FunctionReward(RewardSource):
     """A Python callable `fn(prompts, responses) -> list[float] | Tensor` (rule-based scores, APIs).
 
     It receives the dataset's own values: strings for TRL's standard format, message lists for the
-    conversational one. Its fingerprint hashes the function's code, so editing it invalidates the cache.
+    conversational one.
+
+    Its fingerprint follows everything the function's behaviour can depend on (`modpo_trl.rewards.callables`):
+    its code and the code of its package, and the values it reads (defaults, closures, globals, the state of a
+    callable object). When that cannot be known (it reaches a lock, an open file, a network client), its scores
+    are not cached and a warning says why; pass `version` to cache them anyway, under a key that changes only
+    when you change `version` (bump it whenever the function's behaviour changes).
     """
 
-    def __init__(self, fn: Callable[[list, list], Any], name: str | None = None):
+    def __init__(self, fn: Callable[[list, list], Any], name: str | None = None, version: str | None = None):
         if not callable(fn):
             raise TypeError(f"FunctionReward needs a callable, got {type(fn).__name__}")
+        if version is not None and not (isinstance(version, str) and version):
+            raise ValueError(f"FunctionReward: version={version!r} must be a non-empty string")
         self.fn = fn
+        self.version = version
         fn_name = getattr(fn, "__name__", type(fn).__name__)
         self.name = name or ("reward" if fn_name == "<lambda>" else fn_name)
+        self._unknown = f"unknowable-{uuid.uuid4().hex}"  # the fingerprint when the behaviour cannot be read
+        self._warned = False
+
+    def _code_fingerprint(self) -> str | None:
+        """The function's behaviour digest, or None (with a warning, once) when it cannot be known."""
+        try:
+            return callable_fingerprint(self.fn)
+        except Unfingerprintable as e:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"FunctionReward '{self.name}': its scores are not cached, because what they depend on cannot be "
+                    f"read: {e}. Pass FunctionReward(fn, version='...') (recipe: reward.version) to cache them under "
+                    "a version you change whenever the function's behaviour changes.",
+                    stacklevel=2,
+                )
+            return None
+
+    @property
+    def cacheable(self) -> bool:  # type: ignore[override]
+        return self.version is not None or self._code_fingerprint() is not None
 
     def fingerprint(self) -> str:
-        try:
-            return fingerprint("function", Hasher.hash(self.fn))
-        except Exception:  # unpicklable closures: fall back to the source text
-            target = self.fn if inspect.isfunction(self.fn) else type(self.fn)
-            return fingerprint("function", getattr(target, "__qualname__", ""), inspect.getsource(target))
+        if self.version is not None:
+            target = getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
+            return fingerprint(
+                "function", getattr(self.fn, "__module__", None), target, "version", self.version
+            )
+        # Unknowable: a key of this instance only, so that no other run (nor an evaluation cache) ever matches it.
+        return fingerprint("function", self._code_fingerprint() or self._unknown)
 
     def score(self, prompts, responses):
         return self.fn(list(prompts), list(responses))

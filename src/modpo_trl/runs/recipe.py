@@ -118,6 +118,9 @@ class RewardConfig:
     beta: float = 0.1
     output: str | None = None  # reward_model with several outputs: the label to use
     function: str | None = None
+    # function only: cache its scores under this version instead of reading its code and state (bump it whenever
+    # the function's behaviour changes; needed for functions whose state cannot be read, e.g. API clients)
+    version: str | None = None
     chosen_column: str | None = None
     rejected_column: str | None = None
     max_length: int = 1024
@@ -385,6 +388,8 @@ def _check_reward(reward: RewardConfig, key: str) -> None:
     for name in needs:
         if not getattr(reward, name):
             raise RecipeError(f"{key}.{name} is required for type={reward.type}")
+    if reward.version is not None and reward.type != "function":
+        raise RecipeError(f"{key}.version is only for type=function (got type={reward.type}); remove it")
     if reward.type == "function" and not re.fullmatch(r"[\w.]+:[\w.]+", reward.function):
         raise RecipeError(f"{key}.function={reward.function!r} must be 'package.module:function'")
     if reward.path and not reward.train:

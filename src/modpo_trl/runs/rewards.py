@@ -30,7 +30,7 @@ def import_object(spec: str, key: str = "function") -> Any:
 def build_reward(cfg: RewardConfig, name: str, key: str = "reward") -> RewardSource:
     """The `RewardSource` a `RewardConfig` describes (models are loaded lazily, on first use)."""
     if cfg.type == "function":
-        return FunctionReward(import_object(cfg.function, f"{key}.function"), name=name)
+        return FunctionReward(import_object(cfg.function, f"{key}.function"), name=name, version=cfg.version)
     if cfg.type == "columns":
         return ColumnReward(cfg.chosen_column, cfg.rejected_column, name=name)
     common = dict(tokenizer=cfg.tokenizer, max_length=cfg.max_length, batch_size=cfg.batch_size, name=name)
