@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Unfingerprintable", "callable_fingerprint", "file_digest"]
+from .cache import file_digest
+
+__all__ = ["Unfingerprintable", "callable_fingerprint"]
 
 _PRIMITIVES = (type(None), bool, int, float, complex, str, bytes)
 _MAX_NODES = 200_000  # objects visited; beyond this the state is not worth reading (say so instead)
@@ -53,22 +55,6 @@ def callable_fingerprint(fn: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- source files
-@functools.cache
-def _stat_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    """Content digest of one file, memoised by its stat (an edit changes size or mtime)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's content, read once per version of the file in this process."""
-    st = os.stat(path)
-    return _stat_digest(os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
 @functools.cache
 def _install_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()

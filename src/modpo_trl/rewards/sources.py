@@ -29,10 +29,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from trl.data_utils import common_prefix_length, is_conversational
-from trl.trainer.utils import hash_module
 
 from ..loading import load_model, load_tokenizer
-from .cache import fingerprint, path_fingerprint
+from .cache import fingerprint, module_fingerprint, path_fingerprint
 from .callables import Unfingerprintable, callable_fingerprint
 
 Prompt = str | list[dict[str, Any]]
@@ -193,8 +192,29 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     )
 
 
-def _model_fingerprint(model: PreTrainedModel | str | os.PathLike) -> str:
-    return path_fingerprint(model) if isinstance(model, str | os.PathLike) else hash_module(model)
+def model_fingerprint(model: Any, model_kwargs: dict[str, Any] | None = None) -> str | None:
+    """A model given as a path or hub id (`path_fingerprint`: content, or resolved commit at
+    `model_kwargs["revision"]`) with the `from_pretrained` arguments it is loaded with (dtype, ...), or an
+    in-memory model (`module_fingerprint`: weights, class, config, adapters); `None` stays `None`."""
+    if model is None:
+        return None
+    if not isinstance(model, str | os.PathLike):
+        return module_fingerprint(model)
+    kwargs = model_kwargs or {}
+    return fingerprint(
+        path_fingerprint(model, kwargs.get("revision")), {k: str(v) for k, v in kwargs.items()}
+    )
+
+
+def tokenizer_source_fingerprint(tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None) -> str | None:
+    """A tokenizer object by its vocabulary and template (`tokenizer_fingerprint`), a path by its files
+    (`path_fingerprint`: an edited chat template on disk counts); `None` (the model's own, covered by the model's
+    fingerprint) stays `None`. The same before and after a lazily loaded tokenizer is loaded."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer_fingerprint(tokenizer)
+    return path_fingerprint(tokenizer)
 
 
 def _as_messages(prompt: Prompt, response: Response) -> list[dict[str, Any]]:
@@ -245,11 +265,10 @@ class RewardModel(RewardSource):
             self._output_index(self._model)  # fail now, not after loading data
 
     def fingerprint(self) -> str:
-        tok = self._tokenizer_arg if isinstance(self._tokenizer_arg, PreTrainedTokenizerBase) else None
         return fingerprint(
             "reward_model",
-            _model_fingerprint(self._model_arg),
-            tokenizer_fingerprint(tok) if tok is not None else str(self._tokenizer_arg),
+            model_fingerprint(self._model_arg, self.model_kwargs),
+            tokenizer_source_fingerprint(self._tokenizer_arg),
             self.output,
             self.max_length,
         )
@@ -353,12 +372,12 @@ class ImplicitReward(RewardSource):
             )
 
     def fingerprint(self) -> str:
-        tok = self._tokenizer
+        # From the arguments only, so that loading the model or tokenizer on first use does not change it.
         return fingerprint(
             "implicit_reward",
-            _model_fingerprint(self._model_arg),
-            None if self._ref_arg is None else _model_fingerprint(self._ref_arg),
-            tokenizer_fingerprint(tok) if tok is not None else str(self._tokenizer_arg),
+            model_fingerprint(self._model_arg, self.model_kwargs),
+            model_fingerprint(self._ref_arg, self.model_kwargs),
+            tokenizer_source_fingerprint(self._tokenizer_arg),
             self.beta,
             self.max_length,
         )
