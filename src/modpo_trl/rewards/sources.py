@@ -450,8 +450,9 @@ def _completion_batch(tokenizer, prompts, responses, max_length: int, device) ->
         else:
             if not response.endswith(tokenizer.eos_token):  # TRL appends EOS to standard-format completions
                 response = response + tokenizer.eos_token
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            full_ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+            # With the tokenizer's special tokens (BOS), as TRL's DPO tokenises standard-format text.
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            full_ids = tokenizer(prompt + response)["input_ids"]
         cut = common_prefix_length(prompt_ids, full_ids)
         ids = full_ids[:max_length]
         rows.append(ids)
