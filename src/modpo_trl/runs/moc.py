@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from ..conditioning.preference import check_preference, condition_prompt
+from ..conditioning.preference import check_preference, condition_prompt, round_preference
 from ..rewards.cache import content_fingerprint, path_fingerprint
 from ..rewards.sources import RewardSource
 from ..trainers.moc_config import MOCConfig
@@ -98,7 +98,7 @@ class MOC(Method):
                 weight_tag(w) + ("-heldout" if heldout else ""),
                 weights=list(w),
                 adapter=str(run_dir / entry["adapter"]),
-                preference=list(w),
+                preference=round_preference(w),  # what the prompt states, as in training
                 prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names),
                 held_out=heldout,
             )
