@@ -162,6 +162,11 @@ class MOCConfig(DPOConfig):
             raise ValueError(
                 f"f_divergence_type={self.f_divergence_type!r} is not supported by MOC; valid: ['reverse_kl']"
             )
+        if self.label_smoothing != 0 or self.loss_weights is not None:  # the per-pair loss reads neither
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing!r} / loss_weights={self.loss_weights!r} are not used by MOC; "
+                "valid: label_smoothing=0.0, loss_weights=None"
+            )
         if self.ld_alpha is not None or self.use_weighting:
             raise ValueError(
                 f"ld_alpha={self.ld_alpha!r} / use_weighting={self.use_weighting!r} are not supported by MOC; "
