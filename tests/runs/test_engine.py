@@ -154,7 +154,10 @@ def test_only_sweep_index_is_trained_and_stale_folders_are_replaced(saved_models
     # the same point under a changed recipe is kept, with a warning
     train_recipe(tiny_recipe(saved_models, tmp_path, "sweep.index=2", "training.beta=0.5"))
     assert counts["train"] == 1
-    assert "w-0.33-0.67: done under a different recipe; kept" in capsys.readouterr().out
+    assert (
+        "w-0.33-0.67 was trained under a different recipe (training.beta: 0.1 -> 0.5)"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_failed_weighting_is_recorded_and_trained_again(saved_models, tmp_path, monkeypatch):
