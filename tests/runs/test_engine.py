@@ -302,7 +302,9 @@ def test_dry_run_lists_the_runs_and_touches_no_model(saved_models, tmp_path, mon
     assert "run_name: tiny" in out and "function: no_such_package.scores:fn" in out
     rows = out.splitlines()[-3:]
     assert [row.split()[:2] for row in rows] == [["0", TAGS[0]], ["1", TAGS[1]], ["2", TAGS[2]]]
-    assert " done " in rows[0] and rows[0].endswith("skip (done)")
+    # the function override changed a trained section: the done run is shown as such, and not retrained
+    assert " done, under another recipe (objectives.1.reward.function: None -> " in rows[0]
+    assert rows[0].endswith("skip (--retrain-changed retrains)")
     assert " pending " in rows[1] and rows[1].endswith("train")
     assert " pending, resumable from checkpoint-4 " in rows[2] and rows[2].endswith("train")
     assert main([str(TINY), *tiny_args(saved_models, tmp_path), "sweep.index=1", "--dry-run"]) == 0
