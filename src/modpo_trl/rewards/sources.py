@@ -23,6 +23,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     PreTrainedModel,
@@ -71,17 +72,28 @@ class RewardSource(ABC):
         return scores[:n], scores[n:]
 
 
+class ScoreError(ValueError):
+    """A reward source returned something else than one finite score per response."""
+
+
 def check_scores(
     name: str, scores: Any, expected: int, offset: int = 0, n: int | None = None
 ) -> torch.Tensor:
-    scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
+    """`scores` as a float tensor of `expected` finite values; a `ScoreError` naming the source and the row."""
+    try:
+        scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        shown = repr(scores) if len(repr(scores)) <= 80 else repr(scores)[:77] + "..."
+        raise ScoreError(
+            f"reward source '{name}' returned {shown}; valid: a list (or tensor) of numbers, one per response"
+        ) from None
     if scores.numel() != expected:
-        raise ValueError(f"reward source '{name}' returned {scores.numel()} scores for a batch of {expected}")
+        raise ScoreError(f"reward source '{name}' returned {scores.numel()} scores for a batch of {expected}")
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if len(bad):
         i = offset + int(bad[0])
         where = f"row {i % n} ({'chosen' if i < n else 'rejected'})" if n else f"item {i}"
-        raise ValueError(
+        raise ScoreError(
             f"reward source '{name}' returned a non-finite score ({scores[bad[0]].item()}) at {where}; "
             f"{len(bad)} non-finite in this batch. Rewards must be finite numbers."
         )
@@ -168,8 +180,8 @@ class ColumnReward(RewardSource):
                 f"available columns: {dataset.column_names}"
             )
         n = len(dataset)
-        chosen = check_scores(self.name, dataset[self.chosen_column], expected=n, n=n)
-        rejected = check_scores(self.name, dataset[self.rejected_column], expected=n, offset=n, n=n)
+        chosen = check_scores(self.name, list(dataset[self.chosen_column]), expected=n, n=n)
+        rejected = check_scores(self.name, list(dataset[self.rejected_column]), expected=n, offset=n, n=n)
         return chosen, rejected
 
 
@@ -262,7 +274,7 @@ class RewardModel(RewardSource):
         self._model: PreTrainedModel | None = None if isinstance(model, str | os.PathLike) else model
         self._tokenizer: PreTrainedTokenizerBase | None = None
         if self._model is not None:
-            self._output_index(self._model)  # fail now, not after loading data
+            self._output_index(self._model.config)  # fail now, not after loading data
 
     def fingerprint(self) -> str:
         return fingerprint(
@@ -273,18 +285,37 @@ class RewardModel(RewardSource):
             self.max_length,
         )
 
-    def _output_index(self, model: PreTrainedModel) -> int:
-        num_labels = model.config.num_labels
+    def check(self) -> None:
+        """Fails now when the model at the path cannot give this reward (a causal LM; a missing output), reading
+        only its config. A LoRA reward model's head, or a hub id's, is only known once loaded."""
+        path = Path(str(self._model_arg))
+        if self._model is not None or not path.is_dir() or (path / "adapter_config.json").is_file():
+            return
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except Exception as e:
+            raise OSError(f"could not read the config of the reward model {str(path)!r}: {e}") from e
+        architectures = config.architectures or []
+        if architectures and not any("ForSequenceClassification" in a for a in architectures):
+            raise ValueError(
+                f"RewardModel '{self.name}': {str(path)!r} is a {', '.join(architectures)} (a causal language model "
+                "or another head), not a sequence classifier; valid: a reward model with a score head "
+                "(AutoModelForSequenceClassification). A DPO-trained policy is a reward with type: implicit"
+            )
+        self._output_index(config)
+
+    def _output_index(self, config) -> int:
+        num_labels = config.num_labels
         if self.output is None:
             if num_labels != 1:
                 raise ValueError(
                     f"RewardModel '{self.name}': the model has {num_labels} outputs "
-                    f"({list(model.config.id2label.values())}); a reward needs exactly 1. "
+                    f"({list(config.id2label.values())}); a reward needs exactly 1. "
                     "Pass output=<index or label name> to pick one."
                 )
             return 0
         if isinstance(self.output, str):
-            label2id = {v: int(k) for k, v in model.config.id2label.items()}
+            label2id = {v: int(k) for k, v in config.id2label.items()}
             if self.output not in label2id:
                 raise ValueError(
                     f"RewardModel '{self.name}': output={self.output!r} is not a label of the model; "
@@ -301,7 +332,7 @@ class RewardModel(RewardSource):
     def model(self) -> PreTrainedModel:
         if self._model is None:
             self._model = load_model(AutoModelForSequenceClassification, self._model_arg, **self.model_kwargs)
-            self._output_index(self._model)
+            self._output_index(self._model.config)
         return self._model
 
     @property
@@ -324,7 +355,7 @@ class RewardModel(RewardSource):
         for start in range(0, len(texts), self.batch_size):
             enc = _encode(tokenizer, texts[start : start + self.batch_size], self.max_length, model.device)
             logits = model(**enc).logits.float()
-            scores.append(logits[:, self._output_index(model)].cpu())
+            scores.append(logits[:, self._output_index(model.config)].cpu())
         return torch.cat(scores)
 
     def release(self) -> None:
