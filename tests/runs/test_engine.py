@@ -473,5 +473,6 @@ def test_policy_tokenizer_lora_and_load_errors(saved_models, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
+    tiny_tokenizer().save_pretrained(broken)  # the tokenizer loads (it is checked first): the model does not
     with pytest.raises(OSError, match=f"could not load the policy from model.path='{broken}'"):
         models.load_policy(tiny_recipe(saved_models, tmp_path, f"model.path={broken}"))

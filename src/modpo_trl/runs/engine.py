@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,22 @@ def conditioned_run(config_class: type, recipe: Recipe, tag: str, dry_run: bool,
         run_name=f"{recipe.run_name}/{tag}",
     )
     return Run(tag, 0, args)
+
+
+def check_output_dir(recipe: Recipe) -> None:
+    """The run folder can be created: its nearest existing parent is a folder this process can write in. Probed
+    with a temporary folder, removed at once, so that nothing is left behind by a recipe that fails later."""
+    parent = recipe.run_dir.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".modpo_trl-probe-").cleanup()
+    except OSError as e:
+        where = "" if parent == recipe.run_dir.absolute() else f" (inside {str(parent)!r})"
+        raise RecipeError(
+            f"output_dir={recipe.output_dir!r} cannot be created{where}: {e.strerror or e}; valid: a folder you "
+            "can write in"
+        ) from None
 
 
 def is_done(entry: dict[str, Any] | None, run_dir: Path) -> bool:
@@ -319,21 +336,17 @@ def execute(plan: Plan) -> dict[str, Any]:
     """
     recipe, run_dir = plan.recipe, plan.run_dir
     check_policy(recipe)  # fails before anything is written or loaded
+    check_output_dir(recipe)
     state = PartialState()
     manifest = Manifest(run_dir)
     recipe_fp = recipe_fingerprint(recipe)
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "recipe.yaml", resolved_yaml(recipe))
-        manifest.update(_register(plan))
-    state.wait_for_everyone()
     selected = [plan.runs[i] for i in plan.selected]
 
     def pending() -> list[str]:
         entries = manifest.runs()
         todo = []
         for run in selected:
-            entry = entries[run.tag]
+            entry = entries.get(run.tag)
             changes = recipe_changes(entry, recipe)
             if not is_done(entry, run_dir) or (changes is not None and plan.retrain_changed):
                 todo.append(run.tag)
@@ -350,7 +363,13 @@ def execute(plan: Plan) -> dict[str, Any]:
         log(f"{run_dir}: all {len(selected)} selected run(s) done; nothing to train")
         return manifest.read()
 
+    # Data and rewards are loaded and checked before the run folder is written: bad input leaves nothing behind.
     prepared = plan.method.prepare(recipe)
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "recipe.yaml", resolved_yaml(recipe))
+        manifest.update(_register(plan))
+    state.wait_for_everyone()
     fingerprints = {"recipe": recipe_fp, **prepared.fingerprints}
     sections = trained_sections(recipe)
     for run in selected:
@@ -440,6 +459,8 @@ def _train_run(
     except Exception as e:
         if state.is_main_process:
             manifest.update_run(run.tag, status="failed", finished=_now(), error=f"{type(e).__name__}: {e}")
+            if run.work_dir.is_dir() and not any(p.is_file() for p in run.work_dir.rglob("*")):
+                shutil.rmtree(run.work_dir)  # nothing to resume from: no empty `.<tag>.tmp/` is left behind
         raise
     finally:
         trained = None  # frees the trainer before the next run loads its own policy
