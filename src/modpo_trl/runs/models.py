@@ -93,8 +93,13 @@ def _check_target_modules(recipe: Recipe, config: PretrainedConfig) -> None:
     lora = recipe.lora
     if not lora.enabled:
         return
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except (
+        Exception
+    ):  # an architecture that cannot be built without its weights: peft will check when loading
+        return
     names = [name for name, _ in model.named_modules()]
     leaves = sorted(
         {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
