@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from modpo_trl import FunctionReward
+from modpo_trl.rewards import callables
 from modpo_trl.rewards.callables import Unfingerprintable, callable_fingerprint
 from modpo_trl.rewards.scorers import brevity
 
@@ -40,6 +41,16 @@ def with_stopwords(prompts, responses):
 HELPERS = """
 def helper(response):
     return float(len(response))
+"""
+
+
+FACTORY = """
+
+def make(weight):
+    def scorer(prompts, responses):
+        return [weight * len(r) for r in responses]
+
+    return scorer
 """
 
 
@@ -155,3 +166,12 @@ def test_unknowable_state_is_not_cached_unless_a_version_is_given():
     assert versioned.fingerprint() != FunctionReward(locked, version="2").fingerprint()
     with pytest.raises(ValueError, match="version=3 must be a non-empty string"):
         FunctionReward(locked, version=3)
+
+
+def test_a_library_functions_closure_is_in_the_key(package, monkeypatch):
+    """A scorer made by an installed library's factory is keyed by the library's version and by the values it was
+    made with."""
+    module = package(scores=SCORES + FACTORY, helpers=HELPERS)
+    monkeypatch.setattr(callables, "_install_roots", lambda: (str(Path(module.__file__).parents[1]) + "/",))
+    assert key(module.make(1.0)) != key(module.make(2.0))
+    assert key(module.make(1.0)) == key(module.make(1.0))

@@ -64,8 +64,7 @@ def _install_roots() -> tuple[str, ...]:
 
 
 def _is_installed(file: str) -> bool:
-    real = os.path.realpath(file)
-    return real.startswith(_install_roots())
+    return bool(file) and os.path.realpath(file).startswith(_install_roots())
 
 
 @functools.cache
@@ -89,12 +88,8 @@ def _module_key(module: types.ModuleType) -> tuple:
     `.py` file of its top-level package (or of the module alone when it is not in a package)."""
     name = module.__name__
     file = getattr(module, "__file__", None)
-    if file is None:
-        return (
-            "no file",
-            name,
-            sys.version,
-        )  # built in, or code typed at a prompt: its code objects are read
+    if file is None:  # built in, or code typed at a prompt (whose code objects are read)
+        return ("no file", name, sys.version)
     top = sys.modules.get(name.split(".")[0], module)
     if _is_installed(file):
         key = _installed_key(top.__name__, file)
@@ -234,16 +229,13 @@ class _Walker:
         module = sys.modules.get(fn.__module__)
         if module is not None:
             self._module(module)
-            if (
-                getattr(module, "__file__", None)
-                and _is_installed(module.__file__)
-                and fn.__module__ != "__main__"
-            ):
-                return  # an installed library's function: its version is the key
-        self._code(fn.__code__)
+        # The values a function was made with count, also for a library's function (a factory's closure).
         self.add(fn.__defaults__)
         self.add(fn.__kwdefaults__)
         self.add(fn.__closure__)
+        if module is not None and _is_installed(getattr(module, "__file__", None) or ""):
+            return  # an installed library's code and globals: its version is the key
+        self._code(fn.__code__)
         namespace = fn.__globals__
         for name in sorted(_names(fn.__code__)):
             if name in namespace:
