@@ -332,7 +332,9 @@ def execute(plan: Plan) -> dict[str, Any]:
     """Trains every selected run of `plan` that is not done yet; returns the manifest.
 
     A run is done when its manifest status is `done` and its adapter folder exists; anything else is
-    (re)trained, resuming from the last complete checkpoint of an interrupted run of the same recipe.
+    (re)trained, resuming from the last complete checkpoint of an interrupted run of the same recipe. A done run
+    whose trained sections changed since is kept with a warning naming the changes, or trained again when
+    `plan.retrain_changed`.
     """
     recipe, run_dir = plan.recipe, plan.run_dir
     check_policy(recipe)  # fails before anything is written or loaded
