@@ -80,11 +80,17 @@ def check_policy(recipe: Recipe) -> None:
 def _check_context(recipe: Recipe, config: PretrainedConfig) -> None:
     """`training.max_length` within the positions the model was built for."""
     context = getattr(config, "max_position_embeddings", None)
+    scaling = getattr(config, "rope_scaling", None) or {}
+    factor = (
+        scaling.get("factor", 1) if isinstance(scaling, dict) else 1
+    )  # a context extended by RoPE scaling
     max_length = recipe.training.get("max_length")
-    if isinstance(context, int) and isinstance(max_length, int) and max_length > context:
+    if isinstance(context, int) and isinstance(max_length, int) and max_length > context * factor:
+        limit = int(context * factor)
         raise RecipeError(
-            f"training.max_length={max_length} exceeds the policy's context (max_position_embeddings={context} in "
-            f"the config of {recipe.model.path!r}); valid: 1..{context}"
+            f"training.max_length={max_length} exceeds the policy's context (max_position_embeddings={context}"
+            f"{f' x rope_scaling factor {factor}' if factor != 1 else ''} in the config of {recipe.model.path!r}); "
+            f"valid: 1..{limit}"
         )
 
 
