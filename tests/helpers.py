@@ -11,9 +11,11 @@ from modpo_trl.runs.methods import method_of
 from modpo_trl.runs.recipe import Recipe
 
 
-def train_recipe(recipe: Recipe, dry_run: bool = False) -> dict[str, Any] | None:
+def train_recipe(
+    recipe: Recipe, dry_run: bool = False, retrain_changed: bool = False
+) -> dict[str, Any] | None:
     """What `python -m modpo_trl.train` does with a loaded recipe (the manifest; `None` for a dry run)."""
-    plan = make_plan(recipe, method_of(recipe), dry_run=dry_run)
+    plan = make_plan(recipe, method_of(recipe), dry_run=dry_run, retrain_changed=retrain_changed)
     if dry_run:
         print_plan(plan)
         return None

@@ -43,9 +43,13 @@ def test_the_policy_check_makes_an_offline_model_before_judging_its_path(monkeyp
     check before loading converts it (or explains how to install it), it does not reject the path."""
     target = tmp_path / "models" / "SmolLM2-135M-Instruct"
     made = []
-    monkeypatch.setitem(
-        offline.OFFLINE_MODELS, "smollm2", (lambda: target, lambda: made.append(target.mkdir(parents=True)))
-    )
+
+    def convert():  # the conversion writes a model folder (an empty one would be rejected)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        made.append(target)
+
+    monkeypatch.setitem(offline.OFFLINE_MODELS, "smollm2", (lambda: target, convert))
     check_loadable(str(target), "model.path")
     assert made and target.is_dir()
 

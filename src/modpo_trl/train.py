@@ -1,6 +1,6 @@
 """Command line: train what a recipe describes.
 
-    python -m modpo_trl.train RECIPE.yaml [key=value ...] [--dry-run]
+    python -m modpo_trl.train RECIPE.yaml [key=value ...] [--dry-run] [--retrain-changed]
     accelerate launch [--config_file recipes/accelerate/multi_gpu.yaml] -m modpo_trl.train RECIPE.yaml ...
 
 The recipe is resolved into a plan (`modpo_trl.runs.engine`): `method: modpo` trains one LoRA adapter per
@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dotted overrides, e.g. training.learning_rate=1e-4 sweep.index=2 objectives.0.data.max_samples=100",
     )
     parser.add_argument(
+        "--retrain-changed",
+        action="store_true",
+        help="train again the finished runs whose trained sections (method, model, lora, objectives, target, "
+        "training) changed since; without it they are kept, with a warning",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the recipe, print it resolved and list the runs with their status; load no model or data",
@@ -43,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        plan = make_plan(recipe, method_of(recipe), dry_run=args.dry_run)
+        plan = make_plan(
+            recipe, method_of(recipe), dry_run=args.dry_run, retrain_changed=args.retrain_changed
+        )
         if args.dry_run:
             print(f"# {args.recipe}, resolved\n{resolved_yaml(recipe)}")
             print_plan(plan)

@@ -313,6 +313,21 @@ def test_soup_is_the_linear_interpolation_of_the_adapters(sweep):
     assert not torch.allclose(generator.model(x).logits, expected_logits, atol=1e-3)
 
 
+def test_a_soup_samples_with_lora_dropout_off(sweep):
+    """Adapters trained with dropout (the recipe default is 0.05): the soup built from them is deterministic."""
+    for tag in TAGS:
+        config = json.loads((sweep / tag / "adapter_config.json").read_text())
+        (sweep / tag / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 0.5}))
+    generator = TransformersGenerator(load_recipe(sweep / "recipe.yaml"), SamplingSettings(), device="cpu")
+    x = torch.tensor([[1, 10, 20, 30, 40, 11]])
+    with generator._activated(
+        None, [(str(sweep / "w-1.00-0.00"), 0.5), (str(sweep / "w-0.20-0.80"), 0.5)]
+    ) as model:
+        assert not any(m.training for m in model.modules())
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, model(x).logits)
+
+
 def test_extremes_and_coefficients_for_three_objectives():
     grid = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.5, 0.25, 0.25], [0.8, 0.1, 0.1]]
     modpo = [Candidate("modpo", f"p{i}", weights=w, adapter=f"/a/p{i}") for i, w in enumerate(grid)]

@@ -28,8 +28,8 @@ class Counting(FunctionReward):
         return super().score(prompts, responses)
 
 
-def build(tokenizer, tmp_path, margin, dataset, **kwargs):
-    model = tiny_causal_lm(tokenizer)
+def build(tokenizer, tmp_path, margin, dataset, model=None, **kwargs):
+    model = model or tiny_causal_lm(tokenizer)
     return MODPOTrainer(
         model=model,
         ref_model=None if kwargs.get("precompute_ref_log_probs") else copy.deepcopy(model),

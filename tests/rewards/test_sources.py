@@ -3,6 +3,8 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tokenizers.processors import TemplateProcessing
+from trl import DPOConfig, DPOTrainer
 
 from modpo_trl import ColumnReward, FunctionReward, ImplicitReward, RewardModel
 from modpo_trl.rewards.sources import _completion_batch, render_pair, sequence_logps
@@ -74,6 +76,29 @@ def test_implicit_reward_of_fresh_lora_is_zero_and_of_trained_lora_is_beta_logra
     assert torch.allclose(got, expected, atol=1e-5)
     n_completion = len(data[0]["chosen"].split()) + 1  # + EOS, as TRL appends it
     assert int(batch["completion_mask"].sum()) == n_completion
+
+
+def test_implicit_reward_tokenises_standard_data_as_trls_dpo_with_bos(tmp_path):
+    """The margin of an implicit reward is the one TRL's DPO would compute: same ids, BOS included."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    policy, reference = tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)
+    data = toy_preference_dataset(3)
+    config = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
+    rows = DPOTrainer(policy, reference, config, train_dataset=data, processing_class=tokenizer).train_dataset
+    assert rows[0]["prompt_ids"][0] == tokenizer.bos_token_id
+    got = ImplicitReward(policy, tokenizer, beta=0.5, ref_model=reference).score(
+        data["prompt"], data["chosen"]
+    )
+    for i, row in enumerate(rows):
+        ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"]])
+        mask = torch.tensor([[0] * len(row["prompt_ids"]) + [1] * len(row["chosen_ids"])])
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask}
+        with torch.no_grad():
+            expected = 0.5 * (sequence_logps(policy, batch) - sequence_logps(reference, batch))
+        assert torch.allclose(got[i], expected[0], atol=1e-5)
 
 
 def test_implicit_reward_needs_reference_for_a_full_model(tokenizer):

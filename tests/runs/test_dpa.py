@@ -93,6 +93,7 @@ def test_training_records_the_adapter_and_gives_eval_candidates(tmp_path, tokeni
     c = candidates[2]
     assert c.method == "dpa" and c.adapter == str(recipe.run_dir / "dpa")
     assert c.weights == c.preference == pytest.approx(list(direction(-15)))
+    assert c.parameter == {"angle": pytest.approx(-15)}  # what evaluation interpolates over
     user = [{"role": "user", "content": "hi"}]
     assert c.prompt_fn(user) == [
         {"role": "system", "content": render_direction(direction(-15), recipe.objective_names)},

@@ -154,7 +154,10 @@ def test_only_sweep_index_is_trained_and_stale_folders_are_replaced(saved_models
     # the same point under a changed recipe is kept, with a warning
     train_recipe(tiny_recipe(saved_models, tmp_path, "sweep.index=2", "training.beta=0.5"))
     assert counts["train"] == 1
-    assert "w-0.33-0.67: done under a different recipe; kept" in capsys.readouterr().out
+    assert (
+        "w-0.33-0.67 was trained under a different recipe (training.beta: 0.1 -> 0.5)"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_failed_weighting_is_recorded_and_trained_again(saved_models, tmp_path, monkeypatch):
@@ -299,7 +302,9 @@ def test_dry_run_lists_the_runs_and_touches_no_model(saved_models, tmp_path, mon
     assert "run_name: tiny" in out and "function: no_such_package.scores:fn" in out
     rows = out.splitlines()[-3:]
     assert [row.split()[:2] for row in rows] == [["0", TAGS[0]], ["1", TAGS[1]], ["2", TAGS[2]]]
-    assert " done " in rows[0] and rows[0].endswith("skip (done)")
+    # the function override changed a trained section: the done run is shown as such, and not retrained
+    assert " done, under another recipe (objectives.1.reward.function: None -> " in rows[0]
+    assert rows[0].endswith("skip (--retrain-changed retrains)")
     assert " pending " in rows[1] and rows[1].endswith("train")
     assert " pending, resumable from checkpoint-4 " in rows[2] and rows[2].endswith("train")
     assert main([str(TINY), *tiny_args(saved_models, tmp_path), "sweep.index=1", "--dry-run"]) == 0
@@ -468,5 +473,6 @@ def test_policy_tokenizer_lora_and_load_errors(saved_models, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
+    tiny_tokenizer().save_pretrained(broken)  # the tokenizer loads (it is checked first): the model does not
     with pytest.raises(OSError, match=f"could not load the policy from model.path='{broken}'"):
         models.load_policy(tiny_recipe(saved_models, tmp_path, f"model.path={broken}"))

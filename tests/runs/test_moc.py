@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from modpo_trl.runs.recipe import RecipeError, load_recipe
+from modpo_trl.conditioning.preference import condition_prompt, parse_preference, round_preference
+from modpo_trl.runs.moc import MOC
+from modpo_trl.runs.recipe import ObjectiveConfig, RecipeError, RewardConfig, load_recipe
 from modpo_trl.testing import tiny_causal_lm, toy_preference_dataset
 from modpo_trl.trainers.moc_trainer import MOCTrainer
 
@@ -103,6 +105,25 @@ def test_training_writes_one_adapter_and_a_manifest_entry(tok, tmp_path, capsys)
     assert [c["label"] for c in results["candidates"]] == [c.label for c in candidates]
     assert [c["held_out"] for c in results["candidates"]] == [False, False, True]
     assert set(results["pareto"]["generalization"]) == {"moc"}
+
+
+def test_evaluation_renders_each_preference_exactly_as_training_does(tok, tmp_path):
+    """simplex(steps=3) asks for (1/3, 1/3, 1/3): the model was trained on the rounded text, which sums to 1."""
+    recipe = write_recipe(tmp_path, tok)
+    brevity = RewardConfig(type="function", function="modpo_trl.rewards.scorers:brevity")
+    recipe.objectives.append(ObjectiveConfig(name="long", reward=brevity))
+    recipe.sweep.weights = "simplex(steps=3)"
+    (recipe.run_dir / "moc").mkdir(parents=True)
+    candidates = MOC().candidates(recipe, recipe.run_dir, {"moc": {"status": "done", "adapter": "moc"}})
+    third = next(c for c in candidates if c.label == "w-0.33-0.33-0.33")
+    text = third.prompt_fn("tell me")
+    assert text == "Preference weights: kind=0.34, short=0.33, long=0.33.\ntell me"
+    assert parse_preference(text, recipe.objective_names) == third.preference == [0.34, 0.33, 0.33]
+    for (
+        candidate
+    ) in candidates:  # each is the text MOCTrainer renders for the rounded preference it trains on
+        rounded = round_preference(candidate.weights)
+        assert candidate.prompt_fn("tell me") == condition_prompt("tell me", rounded, recipe.objective_names)
 
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(tok, tmp_path, monkeypatch):

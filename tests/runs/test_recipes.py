@@ -15,6 +15,7 @@ from modpo_trl.runs.engine import Manifest, make_plan, work_dir
 from modpo_trl.runs.method import Method, Prepared, Run, Trained
 from modpo_trl.runs.methods import METHODS, method_of
 from modpo_trl.runs.recipe import METHOD_CONFIGS, DataConfig, RecipeError, load_recipe, weight_tag
+from modpo_trl.testing import tiny_causal_lm, tiny_tokenizer
 from modpo_trl.train import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -224,7 +225,10 @@ def test_a_method_plugs_into_the_engine_through_its_interface(tmp_path, monkeypa
     monkeypatch.setitem(METHODS, "moc", Fake())
     # The tiny recipe's `training:` holds DPO fields; validate them as such whatever the method.
     monkeypatch.setitem(METHOD_CONFIGS, "moc", METHOD_CONFIGS["modpo"])
-    overrides = [*TINY_PATHS, "method=moc", f"output_dir={tmp_path}"]
+    tokenizer = tiny_tokenizer()  # the engine checks the policy's tokenizer and config before anything else
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    overrides = [*TINY_PATHS, f"model.path={tmp_path / 'policy'}", "method=moc", f"output_dir={tmp_path}"]
     assert main([str(TINY), *overrides, "--dry-run"]) == 0
     assert "0      fake  all (conditioned)  pending  train" in capsys.readouterr().out
     assert main([str(TINY), *overrides]) == 0

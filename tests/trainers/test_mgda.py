@@ -91,3 +91,35 @@ def test_l2_normalisation_makes_the_direction_independent_of_the_losses_scales()
     assert descent_coefficients(stationary, "l2").tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match=r"normalization='max' is not valid; valid: \['l2', 'none'\]"):
         descent_coefficients(grads, "max")
+
+
+def is_min_norm_point(alpha, grads, tol=1e-9):
+    """The optimality conditions on the simplex: no vertex direction decreases ||alpha @ G||^2."""
+    gram = grads.double() @ grads.double().T
+    grad = gram @ alpha.double()
+    return (
+        alpha.min() >= 0
+        and abs(alpha.sum().item() - 1) < 1e-12
+        and (grad - alpha.double() @ grad).min() > -tol
+    )
+
+
+def test_up_to_eight_losses_are_solved_exactly_whatever_mgda_max_iter():
+    """Frank-Wolfe stopped silently at max_iter; small problems now have no iteration budget to run out of."""
+    torch.manual_seed(2)
+    for trial in range(40):
+        k = 3 + trial % 6
+        grads = torch.randn(k, 2 + trial % 7).double()  # often fewer dimensions than losses: rank-deficient
+        alpha = min_norm_coefficients(grads, max_iter=1)
+        assert is_min_norm_point(alpha, grads), (k, alpha)
+
+
+def test_frank_wolfe_warns_with_its_duality_gap_when_it_stops_at_max_iter():
+    torch.manual_seed(3)
+    grads = torch.randn(10, 6).double()
+    with pytest.warns(
+        RuntimeWarning, match=r"stopped at mgda_max_iter=1 with duality gap [0-9.e+-]+ > mgda_tol"
+    ):
+        min_norm_coefficients(grads, max_iter=1)
+    alpha = min_norm_coefficients(grads, max_iter=10_000, tol=1e-12)  # converged: no warning, optimal
+    assert is_min_norm_point(alpha, grads, tol=1e-6)

@@ -70,9 +70,12 @@ def _check_names(objective_names: Sequence[str]) -> None:
 
 
 def render_preference(w: Sequence[float], objective_names: Sequence[str]) -> str:
-    """`[0.7, 0.3], ["relevance", "brevity"]` -> `"Preference weights: relevance=0.70, brevity=0.30."`."""
+    """`[0.7, 0.3], ["relevance", "brevity"]` -> `"Preference weights: relevance=0.70, brevity=0.30."`.
+
+    `w` is rounded first (`round_preference`), as training preferences are: `[1/3, 1/3, 1/3]` is rendered
+    `0.34, 0.33, 0.33`, the text a model trained on it saw, never `0.33, 0.33, 0.33` (which sums to 0.99)."""
     _check_names(objective_names)
-    values = check_preference(w, len(objective_names))
+    values = round_preference(check_preference(w, len(objective_names)))
     parts = ", ".join(
         f"{name}={x:.{PREFERENCE_DECIMALS}f}" for name, x in zip(objective_names, values, strict=True)
     )

@@ -134,6 +134,7 @@ class TransformersGenerator:
             try:
                 self.model.add_weighted_adapter(names, [c for _, c in soup], SOUP, combination_type="cat")
                 self.model.set_adapter(SOUP)
+                self.model.eval()  # the soup's new LoRA layers come in training mode: dropout would be on
                 yield self.model
             finally:  # also after a failed build: add_weighted_adapter would keep a half-built soup's name
                 if SOUP in self.model.peft_config:

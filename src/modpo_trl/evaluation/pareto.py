@@ -150,24 +150,35 @@ def generalization(
     heldout_weights: ArrayLike,
     heldout_scores: ArrayLike,
     objective_names: Sequence[str],
+    simplex: bool = True,
 ) -> dict[str, object]:
     """How well a conditioned model generalises to preferences it never saw: for each held-out preference, the
     gap between its achieved scores and the scores interpolated from the trained preferences' results.
 
-    Interpolation is linear over the preference coordinates (all but the last, which the others determine on
-    the simplex): along ``w_0`` for 2 objectives, piecewise-linear on a Delaunay triangulation for more. A held-out
-    preference outside the trained preferences' convex hull takes its nearest trained point and is marked
-    ``extrapolated``. Returns ``{"per_preference": [{"weights", "achieved", "interpolated", "abs_error",
+    Interpolation is linear over the preference coordinates: with ``simplex`` the weights but the last (which the
+    others determine on the simplex), else the given coordinates as they are (e.g. DPA's angle, ``(K, 1)``): along
+    the one coordinate for 2 objectives (or a 1-D parameter), piecewise-linear on a Delaunay triangulation for
+    more. A held-out preference outside the trained preferences' convex hull takes its nearest trained point and
+    is marked ``extrapolated``. Returns ``{"per_preference": [{"weights", "achieved", "interpolated", "abs_error",
     "extrapolated"}], "mean_abs_error": {name: float}}``.
     """
-    tw, ts = _as_points(trained_weights, "trained_weights"), _as_points(trained_scores, "trained_scores")
-    hw, hs = _as_points(heldout_weights, "heldout_weights"), _as_points(heldout_scores, "heldout_scores")
-    if tw.shape != ts.shape or hw.shape != hs.shape or tw.shape[1] != hw.shape[1]:
-        raise ValueError(
-            f"shapes do not match: trained {tw.shape}/{ts.shape}, held out {hw.shape}/{hs.shape}"
-        )
+    ts, hs = _as_points(trained_scores, "trained_scores"), _as_points(heldout_scores, "heldout_scores")
+    x, q = np.asarray(trained_weights, dtype=float), np.asarray(heldout_weights, dtype=float)
+    if (
+        x.ndim != 2
+        or q.ndim != 2
+        or (len(x), len(q)) != (len(ts), len(hs))
+        or x.shape[1] != q.shape[1]
+        or ts.shape[1] != hs.shape[1]
+        or (simplex and x.shape != ts.shape)
+    ):
+        raise ValueError(f"shapes do not match: trained {x.shape}/{ts.shape}, held out {q.shape}/{hs.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(q).all()):
+        raise ValueError("preference coordinates must be finite")
+    hw = q
+    if simplex:
+        x, q = x[:, :-1], q[:, :-1]
     names = list(objective_names)
-    x, q = tw[:, :-1], hw[:, :-1]
     if x.shape[1] == 1:  # np.interp needs increasing, distinct coordinates
         order = np.argsort(x[:, 0])
         xs, ys = x[order, 0], ts[order]

@@ -122,24 +122,38 @@ def pareto_report(
             },
         },
         "controllability": {},
+        "controllability_against": {},
         "generalization": {},
     }
     for method, rows in sets.items():
-        if len(rows) >= 2 and all(r["weights"] is not None for r in rows):
-            weights = np.array([r["weights"] for r in rows], dtype=float)
-            report["controllability"][method] = controllability(weights, means(rows), names)
-        trained = [r for r in rows if not r.get("held_out")]
-        heldout = [r for r in rows if r.get("held_out")]
+        # A preference's own coordinates (DPA's angle) when every candidate has them, else its weights.
+        parameters = [r.get("parameter") for r in rows]
+        by_parameter = all(parameters) and len({tuple(p) for p in parameters}) == 1
+        coordinates = [
+            list(p.values()) if by_parameter else r["weights"] for p, r in zip(parameters, rows, strict=True)
+        ]
+        against = " / ".join(parameters[0]) if by_parameter else "requested weight"
+        if len(rows) >= 2 and all(c is not None for c in coordinates):
+            requested = np.array(coordinates, dtype=float)
+            if by_parameter and requested.shape[1] == 1:  # one parameter: every objective's score against it
+                requested = np.repeat(requested, len(names), axis=1)
+            if requested.shape[1] == len(names):
+                report["controllability"][method] = controllability(requested, means(rows), names)
+                report["controllability_against"][method] = against
+        trained = [(c, r) for c, r in zip(coordinates, rows, strict=True) if not r.get("held_out")]
+        heldout = [(c, r) for c, r in zip(coordinates, rows, strict=True) if r.get("held_out")]
         if heldout and len(trained) >= 2:
             result = generalization(
-                [r["weights"] for r in trained],
-                means(trained),
-                [r["weights"] for r in heldout],
-                means(heldout),
+                [c for c, _ in trained],
+                means([r for _, r in trained]),
+                [c for c, _ in heldout],
+                means([r for _, r in heldout]),
                 names,
+                simplex=not by_parameter,
             )
-            for row, entry in zip(heldout, result["per_preference"], strict=True):
-                entry["label"] = row["label"]
+            for (_, row), entry in zip(heldout, result["per_preference"], strict=True):
+                entry.update(label=row["label"], weights=row["weights"], parameter=row.get("parameter"))
+            result["interpolated_over"] = against if by_parameter else "weights"
             report["generalization"][method] = result
     return report
 
@@ -239,7 +253,8 @@ def print_report(report: dict[str, Any]) -> None:
             ranks = ", ".join(
                 f"{n} {_fmt(v['spearman'])} / {_fmt(v['kendall_tau'])}" for n, v in per_objective.items()
             )
-            print(f"controllability of {method} (Spearman / Kendall, requested weight vs score): {ranks}")
+            against = pareto.get("controllability_against", {}).get(method, "requested weight")
+            print(f"controllability of {method} (Spearman / Kendall, {against} vs score): {ranks}")
         for method, result in pareto.get("generalization", {}).items():
             errors = ", ".join(f"{n} {v:.4f}" for n, v in result["mean_abs_error"].items())
             print(

@@ -9,10 +9,11 @@ a path is only loaded when scores are actually needed (a cache hit loads nothing
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
+import uuid
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,19 +21,19 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from trl.data_utils import common_prefix_length, is_conversational
-from trl.trainer.utils import hash_module
 
 from ..loading import load_model, load_tokenizer
-from .cache import fingerprint, path_fingerprint
+from .cache import fingerprint, module_fingerprint, path_fingerprint
+from .callables import Unfingerprintable, callable_fingerprint
 
 Prompt = str | list[dict[str, Any]]
 Response = str | list[dict[str, Any]]
@@ -71,17 +72,28 @@ class RewardSource(ABC):
         return scores[:n], scores[n:]
 
 
+class ScoreError(ValueError):
+    """A reward source returned something else than one finite score per response."""
+
+
 def check_scores(
     name: str, scores: Any, expected: int, offset: int = 0, n: int | None = None
 ) -> torch.Tensor:
-    scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
+    """`scores` as a float tensor of `expected` finite values; a `ScoreError` naming the source and the row."""
+    try:
+        scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        shown = repr(scores) if len(repr(scores)) <= 80 else repr(scores)[:77] + "..."
+        raise ScoreError(
+            f"reward source '{name}' returned {shown}; valid: a list (or tensor) of numbers, one per response"
+        ) from None
     if scores.numel() != expected:
-        raise ValueError(f"reward source '{name}' returned {scores.numel()} scores for a batch of {expected}")
+        raise ScoreError(f"reward source '{name}' returned {scores.numel()} scores for a batch of {expected}")
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if len(bad):
         i = offset + int(bad[0])
         where = f"row {i % n} ({'chosen' if i < n else 'rejected'})" if n else f"item {i}"
-        raise ValueError(
+        raise ScoreError(
             f"reward source '{name}' returned a non-finite score ({scores[bad[0]].item()}) at {where}; "
             f"{len(bad)} non-finite in this batch. Rewards must be finite numbers."
         )
@@ -92,22 +104,54 @@ class FunctionReward(RewardSource):
     """A Python callable `fn(prompts, responses) -> list[float] | Tensor` (rule-based scores, APIs).
 
     It receives the dataset's own values: strings for TRL's standard format, message lists for the
-    conversational one. Its fingerprint hashes the function's code, so editing it invalidates the cache.
+    conversational one.
+
+    Its fingerprint follows everything the function's behaviour can depend on (`modpo_trl.rewards.callables`):
+    its code and the code of its package, and the values it reads (defaults, closures, globals, the state of a
+    callable object). When that cannot be known (it reaches a lock, an open file, a network client), its scores
+    are not cached and a warning says why; pass `version` to cache them anyway, under a key that changes only
+    when you change `version` (bump it whenever the function's behaviour changes).
     """
 
-    def __init__(self, fn: Callable[[list, list], Any], name: str | None = None):
+    def __init__(self, fn: Callable[[list, list], Any], name: str | None = None, version: str | None = None):
         if not callable(fn):
             raise TypeError(f"FunctionReward needs a callable, got {type(fn).__name__}")
+        if version is not None and not (isinstance(version, str) and version):
+            raise ValueError(f"FunctionReward: version={version!r} must be a non-empty string")
         self.fn = fn
+        self.version = version
         fn_name = getattr(fn, "__name__", type(fn).__name__)
         self.name = name or ("reward" if fn_name == "<lambda>" else fn_name)
+        self._unknown = f"unknowable-{uuid.uuid4().hex}"  # the fingerprint when the behaviour cannot be read
+        self._warned = False
+
+    def _code_fingerprint(self) -> str | None:
+        """The function's behaviour digest, or None (with a warning, once) when it cannot be known."""
+        try:
+            return callable_fingerprint(self.fn)
+        except Unfingerprintable as e:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"FunctionReward '{self.name}': its scores are not cached, because what they depend on cannot be "
+                    f"read: {e}. Pass FunctionReward(fn, version='...') (recipe: reward.version) to cache them under "
+                    "a version you change whenever the function's behaviour changes.",
+                    stacklevel=2,
+                )
+            return None
+
+    @property
+    def cacheable(self) -> bool:  # type: ignore[override]
+        return self.version is not None or self._code_fingerprint() is not None
 
     def fingerprint(self) -> str:
-        try:
-            return fingerprint("function", Hasher.hash(self.fn))
-        except Exception:  # unpicklable closures: fall back to the source text
-            target = self.fn if inspect.isfunction(self.fn) else type(self.fn)
-            return fingerprint("function", getattr(target, "__qualname__", ""), inspect.getsource(target))
+        if self.version is not None:
+            target = getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
+            return fingerprint(
+                "function", getattr(self.fn, "__module__", None), target, "version", self.version
+            )
+        # Unknowable: a key of this instance only, so that no other run (nor an evaluation cache) ever matches it.
+        return fingerprint("function", self._code_fingerprint() or self._unknown)
 
     def score(self, prompts, responses):
         return self.fn(list(prompts), list(responses))
@@ -136,8 +180,8 @@ class ColumnReward(RewardSource):
                 f"available columns: {dataset.column_names}"
             )
         n = len(dataset)
-        chosen = check_scores(self.name, dataset[self.chosen_column], expected=n, n=n)
-        rejected = check_scores(self.name, dataset[self.rejected_column], expected=n, offset=n, n=n)
+        chosen = check_scores(self.name, list(dataset[self.chosen_column]), expected=n, n=n)
+        rejected = check_scores(self.name, list(dataset[self.rejected_column]), expected=n, offset=n, n=n)
         return chosen, rejected
 
 
@@ -160,8 +204,29 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     )
 
 
-def _model_fingerprint(model: PreTrainedModel | str | os.PathLike) -> str:
-    return path_fingerprint(model) if isinstance(model, str | os.PathLike) else hash_module(model)
+def model_fingerprint(model: Any, model_kwargs: dict[str, Any] | None = None) -> str | None:
+    """A model given as a path or hub id (`path_fingerprint`: content, or resolved commit at
+    `model_kwargs["revision"]`) with the `from_pretrained` arguments it is loaded with (dtype, ...), or an
+    in-memory model (`module_fingerprint`: weights, class, config, adapters); `None` stays `None`."""
+    if model is None:
+        return None
+    if not isinstance(model, str | os.PathLike):
+        return module_fingerprint(model)
+    kwargs = model_kwargs or {}
+    return fingerprint(
+        path_fingerprint(model, kwargs.get("revision")), {k: str(v) for k, v in kwargs.items()}
+    )
+
+
+def tokenizer_source_fingerprint(tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None) -> str | None:
+    """A tokenizer object by its vocabulary and template (`tokenizer_fingerprint`), a path by its files
+    (`path_fingerprint`: an edited chat template on disk counts); `None` (the model's own, covered by the model's
+    fingerprint) stays `None`. The same before and after a lazily loaded tokenizer is loaded."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer_fingerprint(tokenizer)
+    return path_fingerprint(tokenizer)
 
 
 def _as_messages(prompt: Prompt, response: Response) -> list[dict[str, Any]]:
@@ -209,30 +274,48 @@ class RewardModel(RewardSource):
         self._model: PreTrainedModel | None = None if isinstance(model, str | os.PathLike) else model
         self._tokenizer: PreTrainedTokenizerBase | None = None
         if self._model is not None:
-            self._output_index(self._model)  # fail now, not after loading data
+            self._output_index(self._model.config)  # fail now, not after loading data
 
     def fingerprint(self) -> str:
-        tok = self._tokenizer_arg if isinstance(self._tokenizer_arg, PreTrainedTokenizerBase) else None
         return fingerprint(
             "reward_model",
-            _model_fingerprint(self._model_arg),
-            tokenizer_fingerprint(tok) if tok is not None else str(self._tokenizer_arg),
+            model_fingerprint(self._model_arg, self.model_kwargs),
+            tokenizer_source_fingerprint(self._tokenizer_arg),
             self.output,
             self.max_length,
         )
 
-    def _output_index(self, model: PreTrainedModel) -> int:
-        num_labels = model.config.num_labels
+    def check(self) -> None:
+        """Fails now when the model at the path cannot give this reward (a causal LM; a missing output), reading
+        only its config. A LoRA reward model's head, or a hub id's, is only known once loaded."""
+        path = Path(str(self._model_arg))
+        if self._model is not None or not path.is_dir() or (path / "adapter_config.json").is_file():
+            return
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except Exception as e:
+            raise OSError(f"could not read the config of the reward model {str(path)!r}: {e}") from e
+        architectures = config.architectures or []
+        if architectures and not any("ForSequenceClassification" in a for a in architectures):
+            raise ValueError(
+                f"RewardModel '{self.name}': {str(path)!r} is a {', '.join(architectures)} (a causal language model "
+                "or another head), not a sequence classifier; valid: a reward model with a score head "
+                "(AutoModelForSequenceClassification). A DPO-trained policy is a reward with type: implicit"
+            )
+        self._output_index(config)
+
+    def _output_index(self, config) -> int:
+        num_labels = config.num_labels
         if self.output is None:
             if num_labels != 1:
                 raise ValueError(
                     f"RewardModel '{self.name}': the model has {num_labels} outputs "
-                    f"({list(model.config.id2label.values())}); a reward needs exactly 1. "
+                    f"({list(config.id2label.values())}); a reward needs exactly 1. "
                     "Pass output=<index or label name> to pick one."
                 )
             return 0
         if isinstance(self.output, str):
-            label2id = {v: int(k) for k, v in model.config.id2label.items()}
+            label2id = {v: int(k) for k, v in config.id2label.items()}
             if self.output not in label2id:
                 raise ValueError(
                     f"RewardModel '{self.name}': output={self.output!r} is not a label of the model; "
@@ -249,7 +332,7 @@ class RewardModel(RewardSource):
     def model(self) -> PreTrainedModel:
         if self._model is None:
             self._model = load_model(AutoModelForSequenceClassification, self._model_arg, **self.model_kwargs)
-            self._output_index(self._model)
+            self._output_index(self._model.config)
         return self._model
 
     @property
@@ -272,7 +355,7 @@ class RewardModel(RewardSource):
         for start in range(0, len(texts), self.batch_size):
             enc = _encode(tokenizer, texts[start : start + self.batch_size], self.max_length, model.device)
             logits = model(**enc).logits.float()
-            scores.append(logits[:, self._output_index(model)].cpu())
+            scores.append(logits[:, self._output_index(model.config)].cpu())
         return torch.cat(scores)
 
     def release(self) -> None:
@@ -320,12 +403,12 @@ class ImplicitReward(RewardSource):
             )
 
     def fingerprint(self) -> str:
-        tok = self._tokenizer
+        # From the arguments only, so that loading the model or tokenizer on first use does not change it.
         return fingerprint(
             "implicit_reward",
-            _model_fingerprint(self._model_arg),
-            None if self._ref_arg is None else _model_fingerprint(self._ref_arg),
-            tokenizer_fingerprint(tok) if tok is not None else str(self._tokenizer_arg),
+            model_fingerprint(self._model_arg, self.model_kwargs),
+            model_fingerprint(self._ref_arg, self.model_kwargs),
+            tokenizer_source_fingerprint(self._tokenizer_arg),
             self.beta,
             self.max_length,
         )
@@ -398,8 +481,9 @@ def _completion_batch(tokenizer, prompts, responses, max_length: int, device) ->
         else:
             if not response.endswith(tokenizer.eos_token):  # TRL appends EOS to standard-format completions
                 response = response + tokenizer.eos_token
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            full_ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+            # With the tokenizer's special tokens (BOS), as TRL's DPO tokenises standard-format text.
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            full_ids = tokenizer(prompt + response)["input_ids"]
         cut = common_prefix_length(prompt_ids, full_ids)
         ids = full_ids[:max_length]
         rows.append(ids)

@@ -47,9 +47,9 @@ class MultiObjectiveReward(RewardModel):
         # `output` is part of RewardModel's fingerprint: the tuple makes it follow the selected attributes.
         super().__init__(model, tokenizer, tuple(self.attributes), max_length, batch_size, name, model_kwargs)
 
-    def _output_index(self, model) -> list[int]:
+    def _output_index(self, config) -> list[int]:
         # RewardModel.score indexes the logits' last dimension with this: a list keeps all k columns.
-        return self._indices(model.config)
+        return self._indices(config)
 
     def _indices(self, config) -> list[int]:
         label2id = {str(v): int(k) for k, v in (config.id2label or {}).items()}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
+from typing import Any
 
 from datasets import Dataset
 from trl.data_utils import extract_prompt
@@ -36,6 +38,9 @@ def to_preference_pairs(raw: Dataset, cfg: DataConfig, key: str = "data") -> Dat
             f"Map them with {key}.prompt_column / chosen_column / rejected_column / response_columns / "
             "label_column / response_column / rating_column"
         )
+    _check_values(
+        raw, cfg, key, text_columns=[c for c in needed if c not in (cfg.label_column, cfg.rating_column)]
+    )
     if cfg.format == "pairs":
         # Other columns are kept: a `columns` reward reads its precomputed scores from them.
         rows = [
@@ -55,8 +60,6 @@ def to_preference_pairs(raw: Dataset, cfg: DataConfig, key: str = "data") -> Dat
         rows = []
         for r in raw:
             label = int(r[cfg.label_column])
-            if label not in (0, 1):
-                raise RecipeError(f"{key}.label_column {cfg.label_column!r} has value {label}; valid: 0 or 1")
             responses = [r[c] for c in cfg.response_columns]
             rows.append(
                 {"prompt": r[cfg.prompt_column], "chosen": responses[label], "rejected": responses[1 - label]}
@@ -70,6 +73,45 @@ def to_preference_pairs(raw: Dataset, cfg: DataConfig, key: str = "data") -> Dat
     if cfg.max_samples is not None:
         pairs = pairs.shuffle(seed=cfg.seed).select(range(min(cfg.max_samples, len(pairs))))
     return pairs
+
+
+def _is_text(value: Any) -> bool:
+    """A string, or a conversation: a list of chat messages."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
+
+
+def _check_values(raw: Dataset, cfg: DataConfig, key: str, text_columns: list[str]) -> None:
+    """Every prompt and response is text, every rating a finite number, every label 0 or 1: found here with the
+    row, not as a traceback once the models are loaded (nor, for a NaN rating, as pairs silently built from it)."""
+    numbers = {
+        c for c in (cfg.rating_column, cfg.label_column) if c and cfg.format in ("ratings", "labelled_pairs")
+    }
+    batches = raw.select_columns([*text_columns, *sorted(numbers)]).iter(batch_size=1000)
+    for b, batch in enumerate(batches):
+        for column, values in batch.items():
+            for i, value in enumerate(values, start=1000 * b):
+                if column not in numbers:
+                    ok, valid = _is_text(value), "a string, or a list of chat messages"
+                elif column == cfg.label_column:
+                    ok, valid = (
+                        not isinstance(value, str) and value in (0, 1),
+                        "0 or 1 (the preferred response)",
+                    )
+                else:
+                    ok = (
+                        isinstance(value, int | float)
+                        and not isinstance(value, bool)
+                        and math.isfinite(value)
+                    )
+                    valid = "a finite number"
+                if not ok:
+                    raise RecipeError(
+                        f"{key}: {cfg.path!r}, row {i}: column {column!r} is {value!r}; valid: {valid}"
+                    )
 
 
 def _split_prompt(chosen, rejected, cfg: DataConfig, key: str) -> dict:

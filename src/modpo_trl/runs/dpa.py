@@ -131,11 +131,12 @@ class DPA(Method):
         heldout = [float(a) for a in args.heldout_angles]
         candidates = []
         for v in args.evaluation_directions():
-            held_out = False
+            held_out, parameter = False, None
             if args.directions is None:
                 t = angle_of(v)
                 held_out = any(abs(t - h) < 1e-6 for h in heldout)
                 label = f"t{round(t, 4):+g}" + ("-heldout" if held_out else "")
+                parameter = {"angle": t}
             else:
                 label = "v" + "_".join(str(w) for w in direction_weights(v))
             prompt_fn = functools.partial(
@@ -153,6 +154,7 @@ class DPA(Method):
                     preference=list(v),
                     prompt_fn=prompt_fn,
                     held_out=held_out,
+                    parameter=parameter,
                 )
             )
         return candidates

@@ -23,6 +23,8 @@ import gc
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,27 +79,29 @@ class Manifest:
 
 @dataclass
 class Plan:
-    """A recipe resolved for training: its method, every run it asks for, and the indices `sweep.index`
-    selects (all of them without it)."""
+    """A recipe resolved for training: its method, every run it asks for, the indices `sweep.index` selects (all
+    of them without it), and whether finished runs trained under other trained sections are trained again."""
 
     recipe: Recipe
     method: Method
     runs: list[Run]
     selected: list[int]
+    retrain_changed: bool = False
 
     @property
     def run_dir(self) -> Path:
         return self.recipe.run_dir
 
 
-def make_plan(recipe: Recipe, method: Method, dry_run: bool = False) -> Plan:
+def make_plan(recipe: Recipe, method: Method, dry_run: bool = False, retrain_changed: bool = False) -> Plan:
     """Resolves `recipe` for `method`: every check that needs no model or data runs here."""
     method.check(recipe)
     runs = method.runs(recipe, dry_run=dry_run)
     index = recipe.sweep.index
     if index is not None and not 0 <= index < len(runs):
         raise RecipeError(f"sweep.index={index} is out of range; valid: 0..{len(runs) - 1}")
-    return Plan(recipe, method, runs, [index] if index is not None else list(range(len(runs))))
+    selected = [index] if index is not None else list(range(len(runs)))
+    return Plan(recipe, method, runs, selected, retrain_changed)
 
 
 def work_dir(run_dir: Path, tag: str) -> Path:
@@ -118,14 +122,70 @@ def conditioned_run(config_class: type, recipe: Recipe, tag: str, dry_run: bool,
     return Run(tag, 0, args)
 
 
+def check_output_dir(recipe: Recipe) -> None:
+    """The run folder can be created: its nearest existing parent is a folder this process can write in. Probed
+    with a temporary folder, removed at once, so that nothing is left behind by a recipe that fails later."""
+    parent = recipe.run_dir.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".modpo_trl-probe-").cleanup()
+    except OSError as e:
+        where = "" if parent == recipe.run_dir.absolute() else f" (inside {str(parent)!r})"
+        raise RecipeError(
+            f"output_dir={recipe.output_dir!r} cannot be created{where}: {e.strerror or e}; valid: a folder you "
+            "can write in"
+        ) from None
+
+
 def is_done(entry: dict[str, Any] | None, run_dir: Path) -> bool:
     return bool(entry) and entry["status"] == "done" and (run_dir / entry["adapter"]).is_dir()
 
 
-def recipe_fingerprint(recipe: Recipe) -> str:
-    """What the adapters depend on in the recipe: a done run trained under another one gets a warning."""
+def trained_sections(recipe: Recipe) -> dict[str, Any]:
+    """What the adapters depend on in the recipe (recorded with each run, compared on the next)."""
     resolved = as_dict(recipe)
-    return fingerprint({k: resolved[k] for k in TRAINED_SECTIONS})
+    return {k: resolved[k] for k in TRAINED_SECTIONS}
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    return fingerprint(trained_sections(recipe))
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"training": {"beta": 0.1}}` -> `{"training.beta": 0.1}` (list items by index)."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value and any(isinstance(v, dict | list) for v in value):
+        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def recipe_changes(entry: dict[str, Any] | None, recipe: Recipe) -> list[str] | None:
+    """How `recipe`'s trained sections differ from those a finished run was trained under: `["training.beta: 0.1 ->
+    0.5", ...]`; None when they do not (or the run is not finished); `[]` when only the fingerprint says so (a run
+    recorded before its sections were)."""
+    if not entry or entry["status"] != "done":
+        return None
+    recorded = entry["fingerprints"].get("recipe")
+    if recorded in (None, recipe_fingerprint(recipe)):
+        return None
+    before, now = _leaves(entry.get("trained_recipe") or {}), _leaves(trained_sections(recipe))
+    if not before:
+        return []
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "(unset)"
+
+    return [
+        f"{key}: {shown(before, key)} -> {shown(now, key)}"
+        for key in sorted(set(before) | set(now))
+        if key not in before or key not in now or before[key] != now[key]
+    ]
+
+
+def describe_changes(changes: list[str]) -> str:
+    return "; ".join(changes) if changes else "which keys is not recorded for this run"
 
 
 def status_rows(plan: Plan) -> list[dict[str, Any]]:
@@ -137,10 +197,19 @@ def status_rows(plan: Plan) -> list[dict[str, Any]]:
         status = entry["status"] if entry else "pending"
         if entry and status == "done" and not done:
             status = "done, adapter folder missing"
+        changed = recipe_changes(entry, plan.recipe) if done else None
+        if changed is not None:
+            status += f", under another recipe ({describe_changes(changed)})"
         resume = plan.method.resume_point(run)
         if resume and not done:
             status += f", resumable from {Path(resume).name}"
-        action = ("skip (done)" if done else "train") if run.index in plan.selected else "-"
+        if changed is not None:
+            action = (
+                "retrain (recipe changed)" if plan.retrain_changed else "skip (--retrain-changed retrains)"
+            )
+        else:
+            action = "skip (done)" if done else "train"
+        action = action if run.index in plan.selected else "-"
         rows.append(
             {"index": run.index, "tag": run.tag, "weights": run.weights, "status": status, "action": action}
         )
@@ -175,6 +244,12 @@ def log(message: str) -> None:
     """Prints on the main process only (one line per event in a distributed launch)."""
     if PartialState().is_main_process:
         print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    """A warning that must not scroll by unseen: on stderr, main process only."""
+    if PartialState().is_main_process:
+        print(f"modpo_trl.train: WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def main_decides(fn: Callable[[], Any]) -> Any:
@@ -257,31 +332,31 @@ def execute(plan: Plan) -> dict[str, Any]:
     """Trains every selected run of `plan` that is not done yet; returns the manifest.
 
     A run is done when its manifest status is `done` and its adapter folder exists; anything else is
-    (re)trained, resuming from the last complete checkpoint of an interrupted run of the same recipe.
+    (re)trained, resuming from the last complete checkpoint of an interrupted run of the same recipe. A done run
+    whose trained sections changed since is kept with a warning naming the changes, or trained again when
+    `plan.retrain_changed`.
     """
     recipe, run_dir = plan.recipe, plan.run_dir
     check_policy(recipe)  # fails before anything is written or loaded
+    check_output_dir(recipe)
     state = PartialState()
     manifest = Manifest(run_dir)
     recipe_fp = recipe_fingerprint(recipe)
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "recipe.yaml", resolved_yaml(recipe))
-        manifest.update(_register(plan))
-    state.wait_for_everyone()
     selected = [plan.runs[i] for i in plan.selected]
 
     def pending() -> list[str]:
         entries = manifest.runs()
         todo = []
         for run in selected:
-            entry = entries[run.tag]
-            if not is_done(entry, run_dir):
+            entry = entries.get(run.tag)
+            changes = recipe_changes(entry, recipe)
+            if not is_done(entry, run_dir) or (changes is not None and plan.retrain_changed):
                 todo.append(run.tag)
-            elif entry["fingerprints"].get("recipe") not in (None, recipe_fp):
-                log(
-                    f"{run.tag}: done under a different recipe; kept. Delete {run_dir / run.tag} "
-                    "(or use another run_name) to train it with this one."
+            elif changes is not None:
+                warn(
+                    f"{run.tag} was trained under a different recipe ({describe_changes(changes)}); it is kept and "
+                    "NOT trained again. Run with --retrain-changed to train it under this recipe (its adapter is "
+                    "replaced once the new one is complete), or give this recipe another run_name."
                 )
         return todo
 
@@ -290,8 +365,15 @@ def execute(plan: Plan) -> dict[str, Any]:
         log(f"{run_dir}: all {len(selected)} selected run(s) done; nothing to train")
         return manifest.read()
 
+    # Data and rewards are loaded and checked before the run folder is written: bad input leaves nothing behind.
     prepared = plan.method.prepare(recipe)
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "recipe.yaml", resolved_yaml(recipe))
+        manifest.update(_register(plan))
+    state.wait_for_everyone()
     fingerprints = {"recipe": recipe_fp, **prepared.fingerprints}
+    sections = trained_sections(recipe)
     for run in selected:
         prefix = f"[{run.index + 1}/{len(plan.runs)}] {run.tag}"
         if run.tag not in todo:
@@ -304,7 +386,8 @@ def execute(plan: Plan) -> dict[str, Any]:
                 lock.acquire(timeout=0)
             except Timeout:
                 return "busy"
-            if is_done(manifest.runs()[tag], run_dir):  # finished by another process meanwhile
+            entry = manifest.runs()[tag]
+            if is_done(entry, run_dir) and recipe_changes(entry, recipe) is None:  # finished meanwhile
                 lock.release()
                 return "done"
             return "train"
@@ -314,14 +397,21 @@ def execute(plan: Plan) -> dict[str, Any]:
             log(f"{prefix}: {'done' if decision == 'done' else 'being trained by another process'}, skipped")
             continue
         try:
-            _train_run(plan, run, prepared, fingerprints, prefix)
+            _train_run(plan, run, prepared, fingerprints, sections, prefix)
         finally:
             if state.is_main_process:
                 lock.release()
     return manifest.read()
 
 
-def _train_run(plan: Plan, run: Run, prepared: Prepared, fingerprints: dict[str, Any], prefix: str) -> None:
+def _train_run(
+    plan: Plan,
+    run: Run,
+    prepared: Prepared,
+    fingerprints: dict[str, Any],
+    sections: dict[str, Any],
+    prefix: str,
+) -> None:
     state = PartialState()
     run_dir = plan.run_dir
     manifest = Manifest(run_dir)
@@ -344,6 +434,7 @@ def _train_run(plan: Plan, run: Run, prepared: Prepared, fingerprints: dict[str,
             error=None,
             metrics={},
             fingerprints=fingerprints,
+            trained_recipe=sections,
             resumed_from=Path(resume).name if resume else None,
         )
         return resume
@@ -370,6 +461,8 @@ def _train_run(plan: Plan, run: Run, prepared: Prepared, fingerprints: dict[str,
     except Exception as e:
         if state.is_main_process:
             manifest.update_run(run.tag, status="failed", finished=_now(), error=f"{type(e).__name__}: {e}")
+            if run.work_dir.is_dir() and not any(p.is_file() for p in run.work_dir.rglob("*")):
+                shutil.rmtree(run.work_dir)  # nothing to resume from: no empty `.<tag>.tmp/` is left behind
         raise
     finally:
         trained = None  # frees the trainer before the next run loads its own policy

@@ -72,6 +72,10 @@ class Candidate:
     soup: list[tuple[str, float]] | None = None  # Rewarded Soups: (adapter folder, coefficient)
     extreme: str | None = None  # the objective this MODPO adapter is the soups' extreme of
     held_out: bool = False  # a preference the conditioned model never trained on (generalisation)
+    # The preference's own coordinates when its weights are not them (DPA: {"angle": t} in degrees, since
+    # v = (cos t, sin t) folds +t and -t together in cos t): evaluation interpolates over them (generalisation)
+    # and measures controllability against them.
+    parameter: dict[str, float] | None = None
 
     @property
     def key(self) -> str:
@@ -94,6 +98,7 @@ class Candidate:
             "soup": [{"adapter": short(p), "coefficient": c} for p, c in self.soup] if self.soup else None,
             "extreme": self.extreme,
             "held_out": self.held_out,
+            "parameter": self.parameter,
         }
 
 

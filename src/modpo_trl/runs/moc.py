@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from ..conditioning.preference import check_preference, condition_prompt
+from ..conditioning.preference import check_preference, condition_prompt, round_preference
 from ..rewards.cache import content_fingerprint, path_fingerprint
 from ..rewards.sources import RewardSource
 from ..trainers.moc_config import MOCConfig
@@ -23,7 +23,7 @@ from .engine import conditioned_run, is_done, on_disk
 from .method import Candidate, Method, Prepared, Run, Trained
 from .modpo import fit
 from .recipe import Recipe, RecipeError, weight_tag
-from .rewards import ready_reward
+from .rewards import margin_columns, ready_reward
 
 TAG = "moc"  # the run's manifest entry and adapter folder: <run_dir>/moc/
 COLUMNS = ["prompt", "chosen", "rejected", OBJECTIVE]
@@ -68,6 +68,7 @@ class MOC(Method):
 
     def prepare(self, recipe: Recipe) -> Prepared:
         train, evals, margins = _load_data(recipe)
+        (train, evals), readers = margin_columns(margins, [train, evals], recipe, MOCConfig)
         data_fp = content_fingerprint(train, COLUMNS)
         train = on_disk(train, recipe.run_dir / ".data" / f"moc-train-{data_fp}")
         if evals is not None:
@@ -77,9 +78,10 @@ class MOC(Method):
         fingerprints = {
             "base_model": path_fingerprint(recipe.model.path),
             "train_data": data_fp,
-            "rewards": {name: source.fingerprint() for name, source in margins.items()},
+            "rewards": {name: source.fingerprint() for name, (source, _, _) in margins.items()},
         }
-        return Prepared(fingerprints, {"train": train, "eval": evals, "margin_rewards": margins})
+        margin_rewards = dict(zip(margins, readers, strict=True))
+        return Prepared(fingerprints, {"train": train, "eval": evals, "margin_rewards": margin_rewards})
 
     def train(self, recipe: Recipe, run: Run, prepared: Prepared, resume: str | None) -> Trained:
         return fit(MOCTrainer, recipe, run, prepared, resume)
@@ -98,7 +100,7 @@ class MOC(Method):
                 weight_tag(w) + ("-heldout" if heldout else ""),
                 weights=list(w),
                 adapter=str(run_dir / entry["adapter"]),
-                preference=list(w),
+                preference=round_preference(w),  # what the prompt states, as in training
                 prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names),
                 held_out=heldout,
             )
@@ -117,8 +119,9 @@ def evaluation_preferences(recipe: Recipe) -> list[tuple[list[float], bool]]:
     return [*((w, False) for w in trained), *((w, True) for w in heldout)]
 
 
-def _load_data(recipe: Recipe) -> tuple[Dataset, Dataset | None, dict[str, RewardSource]]:
-    """All objectives' pairs (with their `objective` column), eval pairs if any, and the margin rewards."""
+def _load_data(recipe: Recipe) -> tuple[Dataset, Dataset | None, dict[str, tuple[RewardSource, Any, str]]]:
+    """All objectives' pairs (with their `objective` column), eval pairs if any, and the margin rewards (source,
+    recipe section, its key)."""
     train, evals, margins = {}, {}, {}
     for i, objective in enumerate(recipe.objectives):
         if objective.data is not None:
@@ -129,5 +132,5 @@ def _load_data(recipe: Recipe) -> tuple[Dataset, Dataset | None, dict[str, Rewar
                 evals[objective.name] = eval_pairs
             continue
         key = f"objectives[{i}] ({objective.name}).reward"
-        margins[objective.name] = ready_reward(objective.reward, objective.name, key)
+        margins[objective.name] = (ready_reward(objective.reward, objective.name, key), objective.reward, key)
     return objective_pairs(train), (objective_pairs(evals) if evals else None), margins

@@ -6,9 +6,18 @@ import re
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
+from accelerate import PartialState, init_empty_weights
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..loading import load_tokenizer
 from ..offline import ensure_offline_model
@@ -26,8 +35,24 @@ def check_loadable(path: str, key: str, hint: str = "") -> None:
         ensure_offline_model(path)
     except OSError as e:
         raise RecipeError(f"{key}={path!r}: {e}") from None
-    if not Path(path).expanduser().exists() and not HUB_ID.fullmatch(path):
+    local = Path(path).expanduser()
+    if not local.exists() and not HUB_ID.fullmatch(path):
         raise RecipeError(f"{key}={path!r} does not exist (and is not a hub id such as 'org/name'){hint}")
+    if local.is_dir() and not any((local / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise RecipeError(
+            f"{key}={path!r} is a folder with no config.json (nor adapter_config.json); valid: a folder written "
+            f"by save_pretrained, or a hub id{hint}"
+        )
+    if (
+        not local.exists()
+        and hub_constants.HF_HUB_OFFLINE
+        and not isinstance(try_to_load_from_cache(path, "config.json"), str)
+    ):
+        raise RecipeError(
+            f"{key}={path!r} is not a local folder and not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
+            "forbids downloading it; valid: a local model folder, or a hub id downloaded before (or unset "
+            "HF_HUB_OFFLINE)"
+        )
 
 
 def check_policy(recipe: Recipe) -> None:
@@ -39,6 +64,59 @@ def check_policy(recipe: Recipe) -> None:
             f"model {recipe.model.path!r}"
         )
     check_loadable(recipe.model.path, "model.path")
+    load_tokenizer(
+        recipe.model.tokenizer or recipe.model.path
+    )  # a missing tokenizer is an error now, not later
+    try:
+        config = AutoConfig.from_pretrained(
+            recipe.model.path, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except Exception:  # e.g. a LoRA adapter folder as the policy: loading it will tell what is wrong
+        return
+    _check_context(recipe, config)
+    _check_target_modules(recipe, config)
+
+
+def _check_context(recipe: Recipe, config: PretrainedConfig) -> None:
+    """`training.max_length` within the positions the model was built for."""
+    context = getattr(config, "max_position_embeddings", None)
+    scaling = getattr(config, "rope_scaling", None) or {}
+    factor = (
+        scaling.get("factor", 1) if isinstance(scaling, dict) else 1
+    )  # a context extended by RoPE scaling
+    max_length = recipe.training.get("max_length")
+    if isinstance(context, int) and isinstance(max_length, int) and max_length > context * factor:
+        limit = int(context * factor)
+        raise RecipeError(
+            f"training.max_length={max_length} exceeds the policy's context (max_position_embeddings={context}"
+            f"{f' x rope_scaling factor {factor}' if factor != 1 else ''} in the config of {recipe.model.path!r}); "
+            f"valid: 1..{limit}"
+        )
+
+
+def _check_target_modules(recipe: Recipe, config: PretrainedConfig) -> None:
+    """Every `lora.target_modules` entry names modules of the policy (found on a weightless copy of it)."""
+    lora = recipe.lora
+    if not lora.enabled:
+        return
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except (
+        Exception
+    ):  # an architecture that cannot be built without its weights: peft will check when loading
+        return
+    names = [name for name, _ in model.named_modules()]
+    leaves = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
+    )
+    # peft's rule: a target is a module name or the end of one after a dot
+    unknown = [t for t in lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        raise RecipeError(
+            f"lora.target_modules has {unknown}, which name(s) no module of {recipe.model.path!r}; valid: "
+            f"names of its modules, e.g. {leaves}"
+        )
 
 
 def torch_dtype(name: str):

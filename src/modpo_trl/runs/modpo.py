@@ -13,7 +13,7 @@ from .engine import is_done, on_disk, work_dir
 from .method import Candidate, Method, Prepared, Run, Trained, trainer_config
 from .models import load_policy, lora_config
 from .recipe import Recipe, weight_tag
-from .rewards import ready_reward
+from .rewards import margin_columns, ready_reward
 
 TRAIN_COLUMNS = ["prompt", "chosen", "rejected"]
 
@@ -39,14 +39,16 @@ class MODPO(Method):
         return runs
 
     def prepare(self, recipe: Recipe) -> Prepared:
-        sources = []
+        margins = {}
         for i, objective in enumerate(recipe.objectives):
             if i != recipe.target_index:
                 hint = "; train it first, e.g. with the recipe of its DPO stage (recipes/<task>/dpo_*.yaml)"
                 key = f"objectives[{i}] ({objective.name}).reward"
-                sources.append(ready_reward(objective.reward, objective.name, key, hint))
+                source = ready_reward(objective.reward, objective.name, key, hint)
+                margins[objective.name] = (source, objective.reward, key)
         key = f"objectives[{recipe.target_index}].data"
         train, evals = load_preference_data(recipe.objectives[recipe.target_index].data, key=key)
+        (train, evals), readers = margin_columns(margins, [train, evals], recipe, MODPOConfig)
         data_fp = content_fingerprint(train, TRAIN_COLUMNS)
         train = on_disk(train, recipe.run_dir / ".data" / f"train-{data_fp}")
         if evals is not None:
@@ -56,9 +58,9 @@ class MODPO(Method):
         fingerprints = {
             "base_model": path_fingerprint(recipe.model.path),
             "train_data": data_fp,
-            "rewards": {s.name: s.fingerprint() for s in sources},
+            "rewards": {s.name: s.fingerprint() for s, _, _ in margins.values()},
         }
-        return Prepared(fingerprints, {"train": train, "eval": evals, "margin_rewards": sources})
+        return Prepared(fingerprints, {"train": train, "eval": evals, "margin_rewards": readers})
 
     def train(self, recipe: Recipe, run: Run, prepared: Prepared, resume: str | None) -> Trained:
         return fit(MODPOTrainer, recipe, run, prepared, resume)

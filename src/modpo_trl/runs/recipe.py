@@ -7,7 +7,11 @@ missing local files, weight vectors of the wrong length, unknown `training` fiel
 from __future__ import annotations
 
 import difflib
+import math
 import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -118,6 +122,9 @@ class RewardConfig:
     beta: float = 0.1
     output: str | None = None  # reward_model with several outputs: the label to use
     function: str | None = None
+    # function only: cache its scores under this version instead of reading its code and state (bump it whenever
+    # the function's behaviour changes; needed for functions whose state cannot be read, e.g. API clients)
+    version: str | None = None
     chosen_column: str | None = None
     rejected_column: str | None = None
     max_length: int = 1024
@@ -250,14 +257,58 @@ def register_resolvers() -> None:
         register("offline", offline_path)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 floats, as omegaconf reads recipe files: `1e-4` is a number, not the string PyYAML makes of it."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        content = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"recipe file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
+    if content is None:
+        content = {}
+    if not isinstance(content, dict):
+        raise RecipeError(
+            f"recipe file {str(path)!r} must be a mapping of sections (run_name:, model:, objectives:, ...); "
+            f"got a {type(content).__name__}"
+        )
+    return content
+
+
+def _override_value(override: str, value: str) -> Any:
+    try:
+        return yaml.load(value, Loader=_YamlLoader)
+    except yaml.YAMLError as e:
+        raise RecipeError(
+            f"override {override!r}: the value is not valid YAML ({' '.join(str(e).split())}); quote it, e.g. "
+            f"key='text'"
+        ) from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Loads a YAML recipe, applies dotted `key=value` overrides and validates the result."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     register_resolvers()
+    content = _read_yaml(path)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(path))
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.create(content))
         for override in overrides or []:
             key, sep, value = override.partition("=")
             if not sep or not key:
@@ -265,7 +316,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                     f"override {override!r} is not of the form key=value (e.g. training.beta=0.2)"
                 )
             # update() (unlike from_dotlist) reaches into lists: objectives.0.data.path=...
-            OmegaConf.update(merged, key.strip(), yaml.safe_load(value), merge=True)
+            OmegaConf.update(merged, key.strip(), _override_value(override, value), merge=True)
         recipe: Recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise RecipeError(_explain(e, path)) from None
@@ -320,6 +371,8 @@ def validate(recipe: Recipe, base_dir: Path | None = None) -> None:
         raise RecipeError(f"method={recipe.method!r} is not valid; valid: {list(METHODS)}")
     if recipe.model.dtype not in DTYPES:
         raise RecipeError(f"model.dtype={recipe.model.dtype!r} is not valid; valid: {list(DTYPES)}")
+    _check_run_name(recipe.run_name)
+    _check_lora(recipe.lora)
     names = recipe.objective_names
     # One objective is plain DPO (weights [[1.0]]): how a margin model for a later MODPO run is trained.
     fewest = 1 if recipe.method == "modpo" else 2
@@ -361,6 +414,35 @@ def validate(recipe: Recipe, base_dir: Path | None = None) -> None:
         _check_data(recipe.eval.prompts, "eval.prompts", needs_pairs=False)
 
 
+def _check_run_name(name: str) -> None:
+    """The run folder is `<output_dir>/<run_name>`: a path in the name would write elsewhere."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise RecipeError(
+            f"run_name={name!r} is not valid; valid: a plain name without '/', '\\' or '..' "
+            "(the run folder is <output_dir>/<run_name>; put the path in output_dir)"
+        )
+
+
+def _check_lora(lora: LoraSettings) -> None:
+    if not lora.enabled:
+        return
+    if lora.r < 1:
+        raise RecipeError(f"lora.r={lora.r} is not valid; valid: an integer >= 1 (the adapter's rank)")
+    if not lora.alpha > 0:
+        raise RecipeError(f"lora.alpha={lora.alpha} is not valid; valid: a number > 0")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise RecipeError(f"lora.dropout={lora.dropout} is not valid; valid: 0 <= dropout < 1")
+    if not lora.target_modules:
+        raise RecipeError(
+            "lora.target_modules is empty; valid: the names of modules to adapt, e.g. [q_proj, v_proj]"
+        )
+
+
+def _check_count(value: int | None, key: str) -> None:
+    if value is not None and value < 1:
+        raise RecipeError(f"{key}={value} is not valid; valid: an integer >= 1 (or unset)")
+
+
 def _check_data(data: DataConfig, key: str, needs_pairs: bool = True) -> None:
     if data.format not in DATA_FORMATS:
         raise RecipeError(f"{key}.format={data.format!r} is not valid; valid: {list(DATA_FORMATS)}")
@@ -370,6 +452,8 @@ def _check_data(data: DataConfig, key: str, needs_pairs: bool = True) -> None:
         raise RecipeError(f"{key}.rating_column is required with format=ratings")
     if not 0.0 <= data.eval_fraction < 1.0:
         raise RecipeError(f"{key}.eval_fraction={data.eval_fraction} must be in [0, 1)")
+    _check_count(data.max_samples, f"{key}.max_samples")
+    _check_count(data.max_pairs_per_prompt, f"{key}.max_pairs_per_prompt")
     _check_path(data.path, f"{key}.path")
 
 
@@ -385,10 +469,14 @@ def _check_reward(reward: RewardConfig, key: str) -> None:
     for name in needs:
         if not getattr(reward, name):
             raise RecipeError(f"{key}.{name} is required for type={reward.type}")
+    if reward.version is not None and reward.type != "function":
+        raise RecipeError(f"{key}.version is only for type=function (got type={reward.type}); remove it")
     if reward.type == "function" and not re.fullmatch(r"[\w.]+:[\w.]+", reward.function):
         raise RecipeError(f"{key}.function={reward.function!r} must be 'package.module:function'")
     if reward.path and not reward.train:
         _check_path(reward.path, f"{key}.path")
+    _check_count(reward.max_length, f"{key}.max_length")
+    _check_count(reward.batch_size, f"{key}.batch_size")
 
 
 def _check_path(value: str, key: str) -> None:
@@ -422,6 +510,66 @@ def _check_training(training: dict[str, Any], method: str = "modpo") -> None:
             raise RecipeError(
                 f"training.{key} is not a {name} field" + (f" (did you mean '{hint[0]}'?)" if hint else "")
             )
+    _check_training_values(training, config_class)
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# Ranges of the `training` fields whose bad values the trainer accepts silently or fails on after loading.
+TRAINING_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "beta": (lambda x: _number(x) and x > 0, "a number > 0 (the strength of the KL penalty)"),
+    "learning_rate": (lambda x: _number(x) and x >= 0, "a number >= 0"),
+    "max_length": (
+        lambda x: x is None or (_integer(x) and x >= 1),
+        "an integer >= 1, or null (no truncation)",
+    ),
+    "max_steps": (_integer, "an integer (-1: train for num_train_epochs)"),
+    "num_train_epochs": (lambda x: _number(x) and x > 0, "a number > 0"),
+    **{
+        f: (lambda x: _integer(x) and x >= 1, "an integer >= 1")
+        for f in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+    },
+    **{
+        f: (lambda x: x is None or (_integer(x) and x >= 1), "an integer >= 1, or null")
+        for f in ("margin_batch_size", "precompute_ref_batch_size")
+    },
+}
+
+
+def _check_training_values(training: dict[str, Any], config_class: type) -> None:
+    """Values of the wrong type for their field (a string for a number), and out of range for the fields in
+    `TRAINING_RANGES`: what the trainer would accept silently, or fail on once the model is loaded."""
+    hints = typing.get_type_hints(config_class)
+    for key, value in training.items():
+        check, valid = TRAINING_RANGES.get(key, (None, ""))
+        if check is not None and not check(value):
+            raise RecipeError(f"training.{key}={value!r} is not valid; valid: {valid}")
+        if check is None and _expects_number(hints.get(key)) and not _matches_number(value, hints[key]):
+            raise RecipeError(f"training.{key}={value!r} is not valid; valid: a number ({hints[key]})")
+
+
+def _options(hint: Any) -> tuple:
+    """The types a field accepts: the members of a union (`int | None`), else the annotation itself."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _expects_number(hint: Any) -> bool:
+    """The field holds a number (possibly optional), not a string or anything else."""
+    options = [a for a in _options(hint) if a is not type(None)]
+    return bool(options) and all(a in (int, float) for a in options)
+
+
+def _matches_number(value: Any, hint: Any) -> bool:
+    options = _options(hint)
+    if value is None:
+        return type(None) in options
+    return _number(value) if float in options else _integer(value)
 
 
 def resolved_yaml(recipe: Recipe) -> str:

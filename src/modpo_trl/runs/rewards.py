@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import fields
 from typing import Any
 
+import numpy as np
 from accelerate import PartialState
+from datasets import Dataset
 
 from ..rewards.modeling import is_trained, train_reward_model
-from ..rewards.sources import ColumnReward, FunctionReward, ImplicitReward, RewardModel, RewardSource
+from ..rewards.sources import (
+    ColumnReward,
+    FunctionReward,
+    ImplicitReward,
+    RewardModel,
+    RewardSource,
+    ScoreError,
+)
+from ..trainers.margins import MARGIN_COLUMNS, MarginScorer
 from .engine import log
 from .models import check_loadable
-from .recipe import RecipeError, RewardConfig
+from .recipe import Recipe, RecipeError, RewardConfig
 
 
 def import_object(spec: str, key: str = "function") -> Any:
@@ -30,7 +41,14 @@ def import_object(spec: str, key: str = "function") -> Any:
 def build_reward(cfg: RewardConfig, name: str, key: str = "reward") -> RewardSource:
     """The `RewardSource` a `RewardConfig` describes (models are loaded lazily, on first use)."""
     if cfg.type == "function":
-        return FunctionReward(import_object(cfg.function, f"{key}.function"), name=name)
+        fn = import_object(cfg.function, f"{key}.function")
+        if not callable(fn):
+            kind = type(fn).__name__
+            raise RecipeError(
+                f"{key}.function={cfg.function!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not callable; "
+                "valid: a function fn(prompts, responses) -> one float per response"
+            )
+        return FunctionReward(fn, name=name, version=cfg.version)
     if cfg.type == "columns":
         return ColumnReward(cfg.chosen_column, cfg.rejected_column, name=name)
     common = dict(tokenizer=cfg.tokenizer, max_length=cfg.max_length, batch_size=cfg.batch_size, name=name)
@@ -61,4 +79,55 @@ def ready_reward(cfg: RewardConfig, name: str, key: str, hint: str = "") -> Rewa
         train_reward_model_if_needed(cfg.train, cfg.path, key)
     if cfg.path:
         check_loadable(cfg.path, f"{key}.path", hint)
-    return build_reward(cfg, name, key)
+    source = build_reward(cfg, name, key)
+    if isinstance(source, RewardModel):
+        try:
+            source.check()  # its config alone says whether it has the output asked for
+        except ValueError as e:
+            raise RecipeError(f"{key}.path={cfg.path!r}: {e}") from None
+    return source
+
+
+def margin_columns(
+    margins: dict[str, tuple[RewardSource, RewardConfig, str]],
+    datasets: list[Dataset | None],
+    recipe: Recipe,
+    config_class: type,
+) -> tuple[list[Dataset | None], list[ColumnReward]]:
+    """Scores every margin reward on every data set now, before the policy is loaded, so that a reward that fails
+    or returns no finite score per response is a recipe error naming it rather than a traceback after loading.
+
+    `margins` maps objective names to (source, its recipe section, the section's key). Scores go through the
+    score cache as the trainer would put them (`training.score_cache_dir`, `use_score_cache`); they come back as
+    two columns per objective, with a `ColumnReward` reading them for the trainer.
+    """
+    defaults = {f.name: f.default for f in fields(config_class)}
+    setting = {k: recipe.training.get(k, defaults.get(k)) for k in defaults}
+    batch_size = setting["margin_batch_size"] or setting["per_device_eval_batch_size"]
+    out, readers = list(datasets), []
+    for name, (source, cfg, key) in margins.items():
+        scorer = MarginScorer(
+            [source], batch_size, "none", setting["score_cache_dir"], setting["use_score_cache"]
+        )
+        columns = (f"margin:{name}:chosen", f"margin:{name}:rejected")
+        for i, dataset in enumerate(out):
+            if dataset is not None:
+                scored = _scored(scorer, dataset, cfg, key)
+                values = [np.asarray(scored[c])[:, 0].tolist() for c in MARGIN_COLUMNS]
+                out[i] = dataset.add_column(columns[0], values[0]).add_column(columns[1], values[1])
+        readers.append(ColumnReward(*columns, name=source.name))
+    return out, readers
+
+
+def _scored(scorer: MarginScorer, dataset: Dataset, cfg: RewardConfig, key: str) -> Dataset:
+    try:
+        return scorer.add(dataset)
+    except ScoreError as e:
+        where = f"{key}.function={cfg.function!r}" if cfg.type == "function" else key
+        raise RecipeError(f"{where}: {e}") from None
+    except Exception as e:
+        if cfg.type == "function":  # user code: what it raised is the message
+            raise RecipeError(f"{key}.function={cfg.function!r} raised {type(e).__name__}: {e}") from e
+        if isinstance(e, ValueError | OSError):  # a missing column, a model that cannot load or score
+            raise RecipeError(f"{key}: {e}") from e
+        raise

@@ -58,7 +58,7 @@ class MOCConfig(DPOConfig):
             `k` backward passes through the loss head only): the gradient of each loss with respect to the batch's
             per-sequence policy log-probs `[log pi(chosen); log pi(rejected)]` (a tensor of shape `(2B,)` that every
             loss is a function of) is taken with `torch.autograd.grad`, the min-norm combination of these `k` small
-            vectors is found (`modpo_trl.trainers.mgda`: closed form for 2, Frank-Wolfe for more), and `sum_i alpha_i loss_i`
+            vectors is found (`modpo_trl.trainers.mgda`: closed form for 2, exact up to 8, Frank-Wolfe for more), and `sum_i alpha_i loss_i`
             is back-propagated once: no extra pass through the model. Losses computed on disjoint pairs have
             orthogonal gradients in that space, so between them MGDA only balances scales; it resolves the conflicts
             between each `L_i` and `C`, which share every pair. `"linear"`: the conditioned-MODPO baseline,
@@ -74,7 +74,8 @@ class MOCConfig(DPOConfig):
             Weight of the controllability loss `C`. `moo_solver="linear"` with `control_weight=0` is plain
             preference-conditioned MODPO.
         mgda_max_iter (`int`, *optional*, defaults to `250`):
-            Frank-Wolfe iterations (more than 2 losses).
+            Frank-Wolfe iterations (more than 8 losses; fewer are solved exactly). Stopping here before `mgda_tol`
+            is reached warns with the duality gap.
         mgda_tol (`float`, *optional*, defaults to `1e-10`):
             Frank-Wolfe stops when its duality gap is below this.
         margin_normalization, margin_batch_size, use_score_cache, score_cache_dir:
@@ -113,7 +114,7 @@ class MOCConfig(DPOConfig):
         metadata={"help": "Gradients given to the MGDA solver: 'l2' (unit length) or 'none' (raw)."},
     )
     mgda_max_iter: int = field(
-        default=250, metadata={"help": "Frank-Wolfe iterations for more than 2 losses."}
+        default=250, metadata={"help": "Frank-Wolfe iterations for more than 8 losses."}
     )
     mgda_tol: float = field(default=1e-10, metadata={"help": "Frank-Wolfe duality-gap tolerance."})
     margin_normalization: str = field(
@@ -161,6 +162,11 @@ class MOCConfig(DPOConfig):
         if self.f_divergence_type != "reverse_kl":
             raise ValueError(
                 f"f_divergence_type={self.f_divergence_type!r} is not supported by MOC; valid: ['reverse_kl']"
+            )
+        if self.label_smoothing != 0 or self.loss_weights is not None:  # the per-pair loss reads neither
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing!r} / loss_weights={self.loss_weights!r} are not used by MOC; "
+                "valid: label_smoothing=0.0, loss_weights=None"
             )
         if self.ld_alpha is not None or self.use_weighting:
             raise ValueError(

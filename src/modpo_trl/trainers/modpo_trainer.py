@@ -10,7 +10,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from trl import DPOTrainer
 
-from ..rewards.cache import ScoreCache, content_fingerprint, default_cache_dir, fingerprint
+from ..rewards.cache import ScoreCache, content_fingerprint, default_cache_dir, fingerprint, module_settings
 from ..rewards.sources import RewardSource, as_reward_source
 from .margins import CHOSEN_MARGINS, MARGIN_COLUMNS, REJECTED_MARGINS, MarginCollator, MarginScorer
 from .modpo_config import MODPOConfig
@@ -118,9 +118,12 @@ class MODPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         if self._score_cache is None:
             return super()._precompute_ref_logps(dataset, name, batch_size)
+        # TRL's hash covers the weights (taken before any sharding); equal weights under another config (e.g.
+        # rms_norm_eps) give other log-probs, so the model's settings are part of the key too.
         key = fingerprint(
             content_fingerprint(dataset, ["prompt_ids", "chosen_ids", "rejected_ids"]),
             self._precompute_model_hash,
+            module_settings(self.ref_model or self.model),
             self.args.max_length,
             self.args.truncation_mode,
             self.ld_alpha,

@@ -1,0 +1,54 @@
+"""The Pareto report of conditioned methods: generalisation and controllability over the preference's own
+parameter (DPA's angle), not over a weight that folds two preferences together."""
+
+import math
+
+import pytest
+
+from modpo_trl.evaluation.report import pareto_report
+
+NAMES = ["helpful", "verbose"]
+
+
+def dpa_row(t: float, held_out: bool) -> dict:
+    """A DPA candidate at angle t (degrees) whose scores are exactly linear in t."""
+    v = [math.cos(math.radians(t)), math.sin(math.radians(t))]
+    scores = {"helpful": 1.0 - 0.01 * t, "verbose": 0.02 * t}
+    return {
+        "method": "dpa",
+        "label": f"t{t:+g}",
+        "status": "ok",
+        "weights": v,
+        "preference": v,
+        "parameter": {"angle": t},
+        "held_out": held_out,
+        "extreme": None,
+        "scores": {n: {"mean": s, "ci": 0.0, "n": 8} for n, s in scores.items()},
+    }
+
+
+def test_dpa_generalisation_and_controllability_are_over_the_angle():
+    """recipes/helpsteer/dpa.yaml holds out -20, 10 and 35 degrees: +10 and -10 share cos t, not t."""
+    rows = [dpa_row(t, t in (-20, 10, 35)) for t in (-45, -30, -20, -10, 0, 10, 20, 35, 45)]
+    report = pareto_report(rows, NAMES, reference_point=None)
+    result = report["generalization"]["dpa"]
+    assert result["mean_abs_error"] == pytest.approx({"helpful": 0.0, "verbose": 0.0}, abs=1e-12)
+    assert result["interpolated_over"] == "angle"
+    assert [e["label"] for e in result["per_preference"]] == ["t-20", "t+10", "t+35"]
+    assert result["per_preference"][1]["parameter"] == {"angle": 10}
+    assert report["controllability_against"]["dpa"] == "angle"
+    control = report["controllability"]["dpa"]
+    assert control["verbose"]["spearman"] == pytest.approx(1.0) and control["helpful"][
+        "spearman"
+    ] == pytest.approx(-1.0)
+
+
+def test_simplex_preferences_are_still_interpolated_over_their_weights():
+    rows = [dpa_row(t, False) for t in (0, 45, 90)]
+    for row, w in zip(rows, ([1.0, 0.0], [0.5, 0.5], [0.0, 1.0]), strict=True):
+        row.update(method="moc", parameter=None, weights=w, held_out=w == [0.5, 0.5])
+    report = pareto_report(rows, NAMES, reference_point=None)
+    assert report["generalization"]["moc"]["interpolated_over"] == "weights"
+    assert report["controllability_against"]["moc"] == "requested weight"
+    (entry,) = report["generalization"]["moc"]["per_preference"]
+    assert entry["interpolated"] == pytest.approx([0.55, 0.9])  # halfway between t=0 and t=90's scores
