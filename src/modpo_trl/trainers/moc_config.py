@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..conditioning.preference import check_preference
-from .margins import MARGIN_NORMALIZATIONS
+from .margins import check_margin_fields
 
 PREFERENCE_SAMPLINGS = ("dirichlet", "grid")
 MOO_SOLVERS = ("mgda", "linear")
@@ -77,9 +77,9 @@ class MOCConfig(DPOConfig):
             Frank-Wolfe iterations (more than 2 losses).
         mgda_tol (`float`, *optional*, defaults to `1e-10`):
             Frank-Wolfe stops when its duality gap is below this.
-        margin_normalization, margin_batch_size, use_score_cache, score_cache_dir:
-            As in [`MODPOConfig`], for the margin rewards of objectives without pairs (scored once before training,
-            cached by content and shared with MODPO runs on the same pairs).
+        margin_scoring, margin_normalization, margin_batch_size, use_score_cache, score_cache_dir:
+            As in [`MODPOConfig`], for the margin rewards of objectives without pairs (by default scored once before
+            training, cached by content and shared with MODPO runs on the same pairs).
 
     Only `loss_type="sigmoid"` with `f_divergence_type="reverse_kl"` is supported (the loss is computed per pair,
     to weight it by its own preference).
@@ -116,6 +116,12 @@ class MOCConfig(DPOConfig):
         default=250, metadata={"help": "Frank-Wolfe iterations for more than 2 losses."}
     )
     mgda_tol: float = field(default=1e-10, metadata={"help": "Frank-Wolfe duality-gap tolerance."})
+    margin_scoring: str = field(
+        default="precompute",
+        metadata={
+            "help": "When margin rewards are scored: 'precompute' (once, cached) or 'per_batch' (each step)."
+        },
+    )
     margin_normalization: str = field(
         default="none", metadata={"help": "How margin rewards are scaled: 'none' (raw) or 'zscore'."}
     )
@@ -143,7 +149,7 @@ class MOCConfig(DPOConfig):
         _check_choice("preference_sampling", self.preference_sampling, PREFERENCE_SAMPLINGS)
         _check_choice("moo_solver", self.moo_solver, MOO_SOLVERS)
         _check_choice("mgda_normalization", self.mgda_normalization, MGDA_NORMALIZATIONS)
-        _check_choice("margin_normalization", self.margin_normalization, MARGIN_NORMALIZATIONS)
+        check_margin_fields(self)
         _check_number("dirichlet_alpha", self.dirichlet_alpha, strict=True)
         _check_number("heldout_radius", self.heldout_radius, strict=False)
         _check_number("control_weight", self.control_weight, strict=False)

@@ -14,7 +14,7 @@ from trl import DPOTrainer
 
 from ..conditioning.preference import check_preference, condition_prompt, sample_preferences
 from ..rewards.sources import RewardSource, as_reward_source
-from .margins import CHOSEN_MARGINS, MARGIN_COLUMNS, REJECTED_MARGINS, MarginCollator, MarginScorer
+from .margins import MARGIN_COLUMNS, MarginCollator, MarginScorer, pair_differences, without_margins
 from .mgda import descent_coefficients
 from .moc_config import MOCConfig
 
@@ -153,7 +153,7 @@ class MOCTrainer(DPOTrainer):
                     f"objective(s) {missing} have no pairs in train_dataset (column {OBJECTIVE!r}) and no entry in "
                     "margin_rewards: every objective needs one or the other"
                 )
-        dataset = self._margins.add(dataset)
+        dataset = self._margins.add(dataset, field_name)
         ids = [names.index(label) for label in dataset[OBJECTIVE]]
         dataset = dataset.remove_columns([c for c in (OBJECTIVE_ID,) if c in dataset.column_names])
         dataset = dataset.add_column(OBJECTIVE_ID, ids)
@@ -183,6 +183,13 @@ class MOCTrainer(DPOTrainer):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
+    def compute_ref_log_probs(self, model, inputs):
+        # TRL passes every batch entry it does not know to the model's forward: only model inputs may reach it.
+        model_inputs = {
+            k: v for k, v in without_margins(inputs).items() if k not in (PREFERENCE, OBJECTIVE_ID)
+        }
+        return super().compute_ref_log_probs(model, model_inputs)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset handed to `evaluate` directly needs margins and conditioned prompts too.
         def prepare(dataset, name):
@@ -204,7 +211,7 @@ class MOCTrainer(DPOTrainer):
             raise ValueError("MOCTrainer does not return model outputs (compute_metrics is not supported)")
         inputs = dict(inputs)
         preferences, objective_ids = inputs.pop(PREFERENCE), inputs.pop(OBJECTIVE_ID)
-        chosen_r, rejected_r = inputs.pop(CHOSEN_MARGINS), inputs.pop(REJECTED_MARGINS)
+        chosen_r, rejected_r = self._margins.pop(inputs)  # NaN: a reward that does not apply to the pair
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs.pop("ref_chosen_logps"), inputs.pop("ref_rejected_logps")
         else:
@@ -215,7 +222,7 @@ class MOCTrainer(DPOTrainer):
         # Margin rewards of the objectives without pairs, as (B, n) chosen-minus-rejected differences (0 elsewhere).
         has_pairs = self._has_pairs.to(preferences.device)
         margin_diffs = torch.zeros_like(preferences)
-        margin_diffs[:, ~has_pairs] = (chosen_r - rejected_r).to(preferences)
+        margin_diffs[:, ~has_pairs] = pair_differences(chosen_r, rejected_r).to(preferences)
 
         losses, linear = moc_losses(delta, preferences, objective_ids, margin_diffs, has_pairs, self.beta)
         if self.args.control_weight > 0:
