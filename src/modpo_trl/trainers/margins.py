@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from datasets import Dataset, IterableDataset
+from trl.data_utils import extract_prompt
 
 from ..rewards.cache import ScoreCache, content_fingerprint, default_cache_dir, fingerprint
 from ..rewards.sources import PAIR_COLUMNS, RewardSource
@@ -84,8 +85,10 @@ class MarginScorer:
         `scoring="precompute"`, else each row's raw values, scored per batch by `pop`."""
         if isinstance(dataset, Dataset):
             dataset = dataset.remove_columns([c for c in MARGIN_COLUMNS if c in dataset.column_names])
-            if self.scoring == "precompute":
+            if self.scoring == "precompute" or not self.sources:
                 return self._precompute(dataset, name)
+        elif not self.sources:  # (MOC without margin objectives) nothing to score: empty margins
+            return dataset.map(lambda row: {CHOSEN_MARGINS: [], REJECTED_MARGINS: []})
         if self.scale is None:
             if self.normalization != "none":
                 raise ValueError(
@@ -190,3 +193,16 @@ class MarginCollator:
             for column in (CHOSEN_MARGINS, REJECTED_MARGINS):
                 batch[column] = torch.tensor([example[column] for example in examples], dtype=torch.float32)
         return batch
+
+
+def with_explicit_prompt(
+    dataset: Dataset | IterableDataset, num_proc: int | None, name: str
+) -> Dataset | IterableDataset:
+    """`dataset` with a `prompt` column: TRL's first preparation step (`extract_prompt` for implicit-prompt data,
+    whole conversations in `chosen`/`rejected`), done first so that margins score, and MOC conditions, the same
+    prompt and responses TRL trains on (TRL then skips it)."""
+    if "prompt" in next(iter(dataset)):
+        return dataset
+    if isinstance(dataset, IterableDataset):  # `IterableDataset.map` takes neither `num_proc` nor `desc`
+        return dataset.map(extract_prompt)
+    return dataset.map(extract_prompt, num_proc=num_proc, desc=f"Extracting prompt from {name} dataset")

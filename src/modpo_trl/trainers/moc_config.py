@@ -9,6 +9,21 @@ from ..conditioning.preference import check_preference
 from .margins import check_margin_fields
 
 PREFERENCE_SAMPLINGS = ("dirichlet", "grid")
+# TRL's loss types that are a function of one pair's implicit rewards: MOC weights each pair by its own preference.
+PAIR_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
 MOO_SOLVERS = ("mgda", "linear")
 MGDA_NORMALIZATIONS = ("l2", "none")
 
@@ -81,8 +96,11 @@ class MOCConfig(DPOConfig):
             As in [`MODPOConfig`], for the margin rewards of objectives without pairs (by default scored once before
             training, cached by content and shared with MODPO runs on the same pairs).
 
-    Only `loss_type="sigmoid"` with `f_divergence_type="reverse_kl"` is supported (the loss is computed per pair,
-    to weight it by its own preference).
+    `loss_type` (and a list of them with `loss_weights`) may be any of TRL's loss types that is a function of one
+    pair's implicit rewards, `PAIR_LOSS_TYPES`: each pair's loss is TRL's formula on MODPO's margin-adjusted rewards
+    (`-log sigmoid(z_b)` above for `"sigmoid"`), so that it can be weighted by the pair's own preference. Not
+    supported: `"aot"` and `"aot_unpaired"` (they sort across the batch), `"sft"` (a batch mean of token
+    log-likelihoods), and `f_divergence_type` other than `"reverse_kl"` (as in [`MODPOConfig`] with margins).
 
     Logged metrics: TRL's `rewards/*` (`beta` x log-ratios, before margins), `logps/*` and `entropy`, plus
     `moc/loss_<name>` (L_i), `moc/control_mse` (C, unweighted), `moc/alpha_<name>` and `moc/alpha_control` (the
@@ -162,11 +180,17 @@ class MOCConfig(DPOConfig):
             check_preference(w, len(names), f"heldout_preferences[{i}]")
             for i, w in enumerate(self.heldout_preferences or [])
         ]
-        if self.loss_type != ["sigmoid"]:
-            raise ValueError(f"loss_type={self.loss_type} is not supported by MOC; valid: ['sigmoid']")
+        unsupported = [t for t in self.loss_type if t not in PAIR_LOSS_TYPES]
+        if unsupported:
+            raise ValueError(
+                f"loss_type={self.loss_type} is not supported by MOC: {unsupported} are not functions of one pair's "
+                "implicit rewards (MOC weights each pair by its own preference); valid: "
+                + str(list(PAIR_LOSS_TYPES))
+            )
         if self.f_divergence_type != "reverse_kl":
             raise ValueError(
-                f"f_divergence_type={self.f_divergence_type!r} is not supported by MOC; valid: ['reverse_kl']"
+                f"f_divergence_type={self.f_divergence_type!r} is not supported by MOC: its margins enter as a shift "
+                "of the implicit rewards, which only the reverse KL gives; valid: ['reverse_kl']"
             )
         if self.ld_alpha is not None or self.use_weighting:
             raise ValueError(

@@ -10,7 +10,6 @@ import torch
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
-from trl.data_utils import extract_prompt
 from trl.trainer.utils import get_config_model_id
 
 from ..rewards.cache import ScoreCache, content_fingerprint, default_cache_dir, fingerprint
@@ -20,6 +19,7 @@ from .margins import (
     MarginCollator,
     MarginScorer,
     pair_differences,
+    with_explicit_prompt,
     without_margins,
 )
 from .modpo_config import MODPOConfig
@@ -132,7 +132,8 @@ class MODPOTrainer(DPOTrainer):
         # first), before TRL appends EOS to standard-format responses and tokenises. Prepared data sets (handed
         # back to `evaluate`) already carry theirs.
         if self._margins is not None and "prompt_ids" not in _first_row(dataset):
-            dataset = self._margins.add(_with_explicit_prompt(dataset, args, dataset_name), dataset_name)
+            dataset = with_explicit_prompt(dataset, args.dataset_num_proc, dataset_name)
+            dataset = self._margins.add(dataset, dataset_name)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
@@ -239,18 +240,6 @@ def _first_row(dataset: Dataset | IterableDataset) -> dict[str, Any]:
 def _is_vision(dataset: Any) -> bool:
     return isinstance(dataset, Dataset | IterableDataset) and bool(
         {"image", "images"} & set(_first_row(dataset))
-    )
-
-
-def _with_explicit_prompt(dataset: Dataset | IterableDataset, args: MODPOConfig, name: str):
-    """TRL's first preparation step, done first so that margins score the same prompt and responses TRL trains on
-    (TRL then skips it)."""
-    if "prompt" in _first_row(dataset):
-        return dataset
-    if isinstance(dataset, IterableDataset):  # `IterableDataset.map` takes neither `num_proc` nor `desc`
-        return dataset.map(extract_prompt)
-    return dataset.map(
-        extract_prompt, num_proc=args.dataset_num_proc, desc=f"Extracting prompt from {name} dataset"
     )
 
 
