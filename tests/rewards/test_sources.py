@@ -165,19 +165,22 @@ def grpo_words(prompts, completions, **kwargs):
     return [float(len(c.split())) for c in completions]
 
 
+def evaluation_entry(responses, tmp_path):
+    """One candidate's responses, as `modpo_trl.evaluation.responses.score_all` takes them."""
+    return {
+        "candidate": "c",
+        "fingerprint": "f",
+        "responses": responses,
+        "scores": {},
+        "cache_path": tmp_path / "c.json",
+    }
+
+
 def test_trl_reward_functions_score_dpa_reward_vectors_and_evaluations(tmp_path):
     """The other places a callable reward is used: DPA's per-attribute rewards and the evaluation scorers."""
     vector = StackedReward([grpo_words, lambda prompts, responses: [1.0] * len(responses)], ["words", "one"])
     assert vector.score(["p", "q"], ["a b c", "d"]).tolist() == [[3.0, 1.0], [1.0, 1.0]]
-    entries = {
-        "c": {
-            "candidate": "c",
-            "fingerprint": "f",
-            "responses": ["a b c", "d"],
-            "scores": {},
-            "cache_path": tmp_path / "c.json",
-        }
-    }
+    entries = {"c": evaluation_entry(["a b c", "d"], tmp_path)}
     score_all([FunctionReward(grpo_words, name="words")], ["p", "q"], entries, batch_size=1)
     assert entries["c"]["scores"]["words"]["values"] == [3.0, 1.0] and entries["c"]["error"] is None
 
@@ -188,14 +191,6 @@ def test_none_fails_clearly_in_dpa_and_evaluation(tmp_path):
 
     with pytest.raises(ValueError, match=r"reward for 'x' returned None \(not applicable\) for response 1"):
         StackedReward([not_for_short], ["x"]).score(["p", "q"], ["a b", "d"])
-    entries = {
-        "c": {
-            "candidate": "c",
-            "fingerprint": "f",
-            "responses": ["a b", "d"],
-            "scores": {},
-            "cache_path": tmp_path / "c.json",
-        }
-    }
+    entries = {"c": evaluation_entry(["a b", "d"], tmp_path)}
     score_all([FunctionReward(not_for_short)], ["p", "q"], entries, batch_size=4)
     assert "returned None (not applicable) at item 1" in entries["c"]["error"]

@@ -3,13 +3,10 @@ rewards that do not apply to a pair, and TRL's keyword reward-function conventio
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from datasets import IterableDataset
-from peft import LoraConfig
 
 from modpo_trl import ColumnReward, MODPOConfig, MODPOTrainer
 from modpo_trl.rewards.scorers import text_of
@@ -18,7 +15,8 @@ from modpo_trl.trainers.margins import CHOSEN_MARGINS, MARGIN_INPUTS, REJECTED_M
 
 from .test_moc_trainer import make_moc, preference_tokenizer
 from .test_moc_trainer import n_words as moc_n_words
-from .test_modpo_dropin import COMMON, LORA, margin_data, preference_data
+from .test_modpo_dropin import build as build_trainer
+from .test_modpo_dropin import first_step, margin_data, preference_data
 
 WEIGHTS = [0.6, 0.4]
 
@@ -30,37 +28,26 @@ def words(prompts, responses):
     ]
 
 
-def build(
-    tokenizer, tmp_path, data, margins=(words,), weights=WEIGHTS, lora=False, precompute=False, **fields
-):
+def build(tokenizer, tmp_path, data, margins=(words,), weights=WEIGHTS, **fields):
     model = tiny_causal_lm(tokenizer, seed=1)
-    return MODPOTrainer(
-        model=model,
-        ref_model=None if (lora or precompute) else copy.deepcopy(model),
-        args=MODPOConfig(
-            output_dir=str(tmp_path / "out"),
-            weights=weights,
-            precompute_ref_log_probs=precompute,
-            **{**COMMON, **fields},
-        ),
-        train_dataset=data,
-        processing_class=tokenizer,
-        margin_rewards=list(margins),
-        peft_config=LoraConfig(**LORA) if lora else None,
+    margins = list(margins)
+    return build_trainer(
+        MODPOTrainer,
+        MODPOConfig,
+        model,
+        tokenizer,
+        tmp_path,
+        data,
+        weights=weights,
+        margin_rewards=margins,
+        **fields,
     )
 
 
-def step(trainer, n=4):
-    """Loss and gradients of the first `n` rows as one batch (the order a stream gives them)."""
-    trainer.model.train()
-    if isinstance(trainer.train_dataset, IterableDataset):
-        batch = next(iter(trainer.get_train_dataloader()))
-    else:
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
-    batch = trainer._prepare_inputs(batch)
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    return loss.detach(), {k: p.grad for k, p in trainer.model.named_parameters() if p.grad is not None}
+def step(trainer):
+    """Loss and gradients of the first batch (the first rows: sequential sampling, as a stream gives them)."""
+    _, loss, grads = first_step(trainer)
+    return loss, grads
 
 
 def assert_same_step(a, b):
@@ -112,7 +99,7 @@ def test_per_batch_scores_each_time_a_pair_is_seen_and_caches_nothing(tokenizer,
     assert calls == []  # nothing scored ahead
     step(trainer)
     step(trainer)
-    assert sum(calls) == 2 * 2 * 4  # chosen and rejected of 4 rows, in each step
+    assert sum(calls) == 2 * 2 * 4  # chosen and rejected of a batch of 4, in each step
     cache = tmp_path / "score_cache"
     assert not (cache / "margins").exists()
 
@@ -178,10 +165,10 @@ def test_a_reward_that_does_not_apply_leaves_the_pair_without_margin(tokenizer, 
     partial = build(tokenizer, tmp_path / "p", zeroed, margins=(on_even_rows,))
     equal = build(tokenizer, tmp_path / "e", zeroed, margins=(ColumnReward("z_c", "z_r"),))
     assert math.isnan(partial.train_dataset[1][CHOSEN_MARGINS][0])
-    assert_same_step(step(partial, 8), step(equal, 8))
+    assert_same_step(step(partial), step(equal))
     logged = partial._metrics["train"]["margin/on_even_rows"][-1]
     applicable = [
-        (len(r["chosen"].split()) - len(r["rejected"].split())) for r in data.select(range(0, 8, 2))
+        (len(r["chosen"].split()) - len(r["rejected"].split())) for r in data.select(range(0, 4, 2))
     ]
     assert logged == pytest.approx(sum(applicable) / len(applicable))
 

@@ -23,39 +23,18 @@ from trl import DPOConfig, DPOTrainer
 from modpo_trl import ColumnReward, MODPOConfig, MODPOTrainer
 from modpo_trl.rewards.sources import sequence_logps
 from modpo_trl.testing import tiny_causal_lm, toy_preference_dataset
+from modpo_trl.trainers.moc_config import PAIR_LOSS_TYPES
 
-COMMON = dict(
-    per_device_train_batch_size=4,
-    per_device_eval_batch_size=4,
-    max_steps=1,  # a streaming train set needs it; the tests run one step by hand
-    report_to="none",
-    save_strategy="no",
-    use_cpu=True,
-    bf16=False,
-    gradient_checkpointing=False,
-    disable_tqdm=True,
-    seed=0,
-)
+from .test_modpo_trainer import COMMON as MODPO_COMMON
+
+# One step by hand; a streaming train set needs max_steps, and the stream's order is the data's, so the map-style
+# sets are read in order too.
+COMMON = {**MODPO_COMMON, "max_steps": 1, "train_sampling_strategy": "sequential"}
+del COMMON["output_dir"]  # each trainer gets its own
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
-LOSS_TYPES = [
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-    ("sigmoid", "sft"),  # a combination, with loss_weights
-]
+# Every TRL loss type: those of one pair's implicit rewards (as MOC splits them), the batch-level ones, a list.
+LOSS_TYPES = [*PAIR_LOSS_TYPES, "aot", "aot_unpaired", "sft", ("sigmoid", "sft")]
 # TRL: the f-DPO reparameterisation only holds for losses of the chosen-minus-rejected difference.
 F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 F_DIVERGENCES = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
@@ -106,16 +85,16 @@ def build(
     tokenizer,
     tmp_path,
     data,
-    lora,
-    precompute,
+    lora=False,
+    precompute=False,
     eval_dataset=None,
     **fields,
 ):
-    model = copy.deepcopy(base_model)
-    needs_ref = not (lora or precompute)
+    """A trainer of `base_model`'s copy; `fields` are config fields, or MODPO's `margin_rewards`."""
+    extra = {"margin_rewards": fields.pop("margin_rewards")} if "margin_rewards" in fields else {}
     return trainer_cls(
-        model=model,
-        ref_model=copy.deepcopy(base_model) if needs_ref else None,
+        model=copy.deepcopy(base_model),
+        ref_model=None if (lora or precompute) else copy.deepcopy(base_model),
         args=config_cls(
             output_dir=str(tmp_path / trainer_cls.__name__),
             precompute_ref_log_probs=precompute,
@@ -125,6 +104,7 @@ def build(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA) if lora else None,
+        **extra,
     )
 
 
@@ -322,22 +302,6 @@ def margin_data(form: str = "standard") -> Dataset:
 MARGINS = [ColumnReward("a_c", "a_r", name="a"), ColumnReward("b_c", "b_r", name="b")]
 
 
-def modpo_with_margins(base_model, tokenizer, tmp_path, data, precompute=True, **fields):
-    return MODPOTrainer(
-        model=copy.deepcopy(base_model),
-        ref_model=None if precompute else copy.deepcopy(base_model),
-        args=MODPOConfig(
-            output_dir=str(tmp_path / "modpo"),
-            weights=WEIGHTS,
-            precompute_ref_log_probs=precompute,
-            **{**COMMON, **fields},
-        ),
-        train_dataset=data,
-        processing_class=tokenizer,
-        margin_rewards=MARGINS,
-    )
-
-
 def hand_loss(loss_type: str, trainer, examples, batch) -> torch.Tensor:
     """TRL's formula for `loss_type` written on MODPO's margin-adjusted rewards, from independent pieces: our own
     log-prob code, the reference log-probs and the margin rewards stored on the rows."""
@@ -409,7 +373,18 @@ def test_with_margins_every_loss_type_sees_the_margin_adjusted_rewards(
     base_model, tokenizer, tmp_path, loss_type
 ):
     fields = loss_fields(loss_type)
-    trainer = modpo_with_margins(base_model, tokenizer, tmp_path, margin_data(), **fields)
+    trainer = build(
+        MODPOTrainer,
+        MODPOConfig,
+        base_model,
+        tokenizer,
+        tmp_path,
+        margin_data(),
+        precompute=True,
+        weights=WEIGHTS,
+        margin_rewards=MARGINS,
+        **fields,
+    )
     trainer.model.eval()  # no dropout either way; eval mode keeps TRL's metrics under "eval"
     examples = [trainer.train_dataset[i] for i in range(8)]
     batch = trainer.data_collator(examples)

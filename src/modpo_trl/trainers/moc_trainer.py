@@ -153,7 +153,9 @@ class MOCTrainer(DPOTrainer):
         dataset = with_explicit_prompt(dataset, args.dataset_num_proc, field_name)
         if isinstance(dataset, IterableDataset):
             return self._margins.add(dataset, field_name).map(
-                self._stream_row, with_indices=True, fn_kwargs={"field_name": field_name, "args": args, "seed": seed}
+                self._stream_row,
+                with_indices=True,
+                fn_kwargs={"field_name": field_name, "args": args, "seed": seed},
             )
         labels = set(dataset[OBJECTIVE])
         unknown = sorted(labels - set(names))
@@ -180,17 +182,7 @@ class MOCTrainer(DPOTrainer):
             for i, w in enumerate(dataset[PREFERENCE]):
                 check_preference(w, len(names), f"{field_name}[{i}][{PREFERENCE!r}]")
         else:
-            weights = sample_preferences(
-                len(dataset),
-                len(names),
-                method=args.preference_sampling,
-                dirichlet_alpha=args.dirichlet_alpha,
-                grid_steps=args.grid_steps,
-                heldout=args.heldout_preferences,
-                heldout_radius=args.heldout_radius,
-                seed=seed,
-            )
-            dataset = dataset.add_column(PREFERENCE, weights.tolist())
+            dataset = dataset.add_column(PREFERENCE, _draw_preferences(args, len(dataset), seed).tolist())
         return dataset.map(
             lambda row: {"prompt": condition_prompt(row["prompt"], row[PREFERENCE], names)},
             desc=f"Conditioning {field_name} prompts on their preference",
@@ -212,16 +204,8 @@ class MOCTrainer(DPOTrainer):
         if row.get(PREFERENCE) is not None:
             w = check_preference(row[PREFERENCE], len(names), f"{field_name}[{index}][{PREFERENCE!r}]")
         else:
-            w = sample_preferences(
-                1,
-                len(names),
-                method=args.preference_sampling,
-                dirichlet_alpha=args.dirichlet_alpha,
-                grid_steps=args.grid_steps,
-                heldout=args.heldout_preferences,
-                heldout_radius=args.heldout_radius,
-                seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]),
-            )[0].tolist()
+            row_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+            w = _draw_preferences(args, 1, row_seed)[0].tolist()
         return {
             "prompt": condition_prompt(row["prompt"], w, names),
             OBJECTIVE_ID: names.index(label),
@@ -487,6 +471,20 @@ class PreferenceCollator:
         batch[PREFERENCE] = torch.tensor([e[PREFERENCE] for e in examples], dtype=torch.float32)
         batch[OBJECTIVE_ID] = torch.tensor([e[OBJECTIVE_ID] for e in examples], dtype=torch.long)
         return batch
+
+
+def _draw_preferences(args: MOCConfig, num: int, seed: int) -> np.ndarray:
+    """`num` preferences drawn as `args` says (`MOCConfig.preference_sampling`), reproducibly from `seed`."""
+    return sample_preferences(
+        num,
+        len(args.objective_names),
+        method=args.preference_sampling,
+        dirichlet_alpha=args.dirichlet_alpha,
+        grid_steps=args.grid_steps,
+        heldout=args.heldout_preferences,
+        heldout_radius=args.heldout_radius,
+        seed=seed,
+    )
 
 
 def objective_pairs(datasets: Mapping[str, Dataset]) -> Dataset:
