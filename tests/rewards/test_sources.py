@@ -7,7 +7,9 @@ from tokenizers.processors import TemplateProcessing
 from trl import DPOConfig, DPOTrainer
 
 from modpo_trl import ColumnReward, FunctionReward, ImplicitReward, RewardModel
-from modpo_trl.rewards.sources import _completion_batch, render_pair, sequence_logps
+from modpo_trl.evaluation.responses import score_all
+from modpo_trl.rewards.sources import _completion_batch, check_scores, render_pair, sequence_logps
+from modpo_trl.rewards.vector import StackedReward
 from modpo_trl.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer, toy_preference_dataset
 
 
@@ -128,3 +130,92 @@ def test_unloadable_model_path_names_the_path(tmp_path):
 def test_column_reward_missing_column():
     with pytest.raises(ValueError, match=r"column\(s\) \['nope'\] not in the dataset"):
         ColumnReward("nope", "chosen").score_pairs(toy_preference_dataset(2))
+
+
+# ------------------------------------------------------------------------------- how a callable reward is called
+def test_function_reward_accepts_trls_keyword_convention_and_the_positional_form():
+    data = toy_preference_dataset(3).map(lambda r, i: {"bonus": float(i), "note": "x"}, with_indices=True)
+
+    def grpo_style(prompts, completions, **kwargs):  # TRL's GRPO reward functions
+        assert set(kwargs) == {"bonus", "note"} and len(kwargs["bonus"]) == len(completions)
+        return [len(c.split()) + b for c, b in zip(completions, kwargs["bonus"], strict=True)]
+
+    def completions_only(completions, **kwargs):
+        return [float(len(c.split())) for c in completions]
+
+    def declared(completions, bonus):  # only what it declares is passed
+        return [len(c.split()) + b for c, b in zip(completions, bonus, strict=True)]
+
+    def positional(prompts, responses):
+        return [float(len(r.split())) for r in responses]
+
+    def positional_with_columns(prompts, responses, bonus):
+        return [len(r.split()) + b for r, b in zip(responses, bonus, strict=True)]
+
+    words = torch.tensor([float(len(r.split())) for r in data["chosen"]])
+    for fn, plus_bonus in [
+        (grpo_style, True),
+        (completions_only, False),
+        (declared, True),
+        (positional, False),
+        (positional_with_columns, True),
+        (lambda prompts, responses: positional(prompts, responses), False),
+    ]:
+        source = FunctionReward(fn)
+        chosen, rejected = source.score_pairs(data, batch_size=2)  # batches mix chosen and rejected rows
+        expected = words + torch.tensor(data["bonus"]) * plus_bonus
+        assert torch.equal(chosen, expected), fn
+        assert rejected.shape == (3,)
+    assert FunctionReward(grpo_style).keyword and not FunctionReward(positional).keyword
+    assert FunctionReward(declared).input_columns(["prompt", "chosen", "bonus", "note"]) == ["bonus"]
+    assert FunctionReward(positional).input_columns(["prompt", "bonus"]) == []
+
+
+def test_none_is_not_applicable_for_margins_and_an_error_where_every_response_needs_a_score():
+    def first_only(completions, **kwargs):
+        return [1.0] + [None] * (len(completions) - 1)
+
+    chosen, rejected = FunctionReward(first_only).score_pairs(toy_preference_dataset(2), batch_size=4)
+    assert chosen[0] == 1.0 and torch.isnan(chosen[1]) and torch.isnan(rejected).all()
+    with pytest.raises(ValueError, match=r"'first_only' returned None \(not applicable\) at item 1"):
+        check_scores("first_only", first_only(["a", "b"]), expected=2)
+    with pytest.raises(ValueError, match="non-finite score"):  # NaN is not a way to say "not applicable"
+        FunctionReward(lambda completions, **kw: [float("nan")] * len(completions)).score_pairs(
+            toy_preference_dataset(1)
+        )
+
+
+def grpo_words(prompts, completions, **kwargs):
+    """A reward function written for TRL's GRPOTrainer."""
+    return [float(len(c.split())) for c in completions]
+
+
+def evaluation_entry(responses, tmp_path):
+    """One candidate's responses, as `modpo_trl.evaluation.responses.score_all` takes them."""
+    return {
+        "candidate": "c",
+        "fingerprint": "f",
+        "responses": responses,
+        "scores": {},
+        "cache_path": tmp_path / "c.json",
+    }
+
+
+def test_trl_reward_functions_score_dpa_reward_vectors_and_evaluations(tmp_path):
+    """The other places a callable reward is used: DPA's per-attribute rewards and the evaluation scorers."""
+    vector = StackedReward([grpo_words, lambda prompts, responses: [1.0] * len(responses)], ["words", "one"])
+    assert vector.score(["p", "q"], ["a b c", "d"]).tolist() == [[3.0, 1.0], [1.0, 1.0]]
+    entries = {"c": evaluation_entry(["a b c", "d"], tmp_path)}
+    score_all([FunctionReward(grpo_words, name="words")], ["p", "q"], entries, batch_size=1)
+    assert entries["c"]["scores"]["words"]["values"] == [3.0, 1.0] and entries["c"]["error"] is None
+
+
+def test_none_fails_clearly_in_dpa_and_evaluation(tmp_path):
+    def not_for_short(completions, **kwargs):
+        return [None if len(c) < 2 else 1.0 for c in completions]
+
+    with pytest.raises(ValueError, match=r"reward for 'x' returned None \(not applicable\) for response 1"):
+        StackedReward([not_for_short], ["x"]).score(["p", "q"], ["a b", "d"])
+    entries = {"c": evaluation_entry(["a b", "d"], tmp_path)}
+    score_all([FunctionReward(not_for_short)], ["p", "q"], entries, batch_size=4)
+    assert "returned None (not applicable) at item 1" in entries["c"]["error"]

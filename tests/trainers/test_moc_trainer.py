@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -19,14 +19,18 @@ from modpo_trl.conditioning.preference import condition_prompt, render_preferenc
 from modpo_trl.rewards.scorers import text_of
 from modpo_trl.rewards.sources import sequence_logps
 from modpo_trl.testing import CHAT_TEMPLATE, SPECIAL, WORDS, tiny_causal_lm, toy_preference_dataset
-from modpo_trl.trainers.moc_config import MOCConfig
+from modpo_trl.trainers.moc_config import PAIR_LOSS_TYPES, MOCConfig
 from modpo_trl.trainers.moc_trainer import (
     CONTROL_VARIANCE_FLOOR,
     MOCTrainer,
     control_loss,
+    margin_adjusted_rewards,
     moc_losses,
     objective_pairs,
+    pair_losses,
 )
+
+from .test_modpo_evaluate import strict_backbone
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,6 +46,7 @@ COMMON = dict(
     seed=0,
 )
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+MOC_ARGS = dict(output_dir="unused", objective_names=NAMES, use_cpu=True)
 
 
 def preference_tokenizer() -> PreTrainedTokenizerFast:
@@ -116,11 +121,11 @@ def test_every_prompt_is_tokenised_with_its_own_rendered_preference(tok, tmp_pat
         assert NAMES[row["objective_id"]] == row["objective"]
 
 
-def dpo_loss_and_grads(model, ref_model, rows, tok, tmp_path):
+def dpo_loss_and_grads(model, ref_model, rows, tok, tmp_path, **fields):
     dpo = DPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=DPOConfig(**COMMON, output_dir=str(tmp_path / "dpo")),
+        args=DPOConfig(**{**COMMON, **fields}, output_dir=str(tmp_path / "dpo")),
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
     )
@@ -147,34 +152,37 @@ def test_vertex_preference_is_dpo_on_that_objectives_pairs(tok, tmp_path, solver
     )
     data = trainer.train_dataset
     assert set(map(tuple, data["preference"])) == {(1.0, 0.0, 0.0)}
-    rows = [data[i] for i in (0, 8, 1, 9, 2, 10)]  # kind, safe, kind, safe, ...
-    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
-    loss.backward()
-    kind = [r for r in rows if r["objective"] == "kind"]
+    rows = assert_vertex_step_is_dpo(trainer, policy, ref, tok, tmp_path)
     raw = pairs()
-    expected_loss, expected_grads = dpo_loss_and_grads(
-        copy.deepcopy(policy),
-        copy.deepcopy(ref),
-        [
-            {
-                "prompt": condition_prompt(raw[i]["prompt"], [1, 0, 0], NAMES),
-                "chosen": raw[i]["chosen"],
-                "rejected": raw[i]["rejected"],
-            }
-            for i in (0, 1, 2)
-        ],
-        tok,
-        tmp_path,
-    )
-    assert [r["prompt"] for r in kind] == [
+    assert [r["prompt"] for r in rows if r["objective"] == "kind"] == [
         condition_prompt(raw[i]["prompt"], [1, 0, 0], NAMES) for i in (0, 1, 2)
     ]
+
+
+def assert_vertex_step_is_dpo(trainer, policy, ref, tok, tmp_path, **fields):
+    """MOC's step on pairs of kind and safe at w = e_kind is TRL's DPO (loss and gradients) on kind's pairs."""
+    rows = [trainer.train_dataset[i] for i in (0, 8, 1, 9, 2, 10)]  # kind, safe, kind, safe, ...
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    loss.backward()
+    raw = pairs()
+    kind_rows = [
+        {
+            "prompt": condition_prompt(raw[i]["prompt"], [1, 0, 0], NAMES),
+            "chosen": raw[i]["chosen"],
+            "rejected": raw[i]["rejected"],
+        }
+        for i in (0, 1, 2)
+    ]
+    expected_loss, expected_grads = dpo_loss_and_grads(
+        copy.deepcopy(policy), copy.deepcopy(ref), kind_rows, tok, tmp_path, **fields
+    )
     assert abs(expected_loss.item() - math.log(2)) > 1e-3  # not the trivial value at pi == pi_ref
     torch.testing.assert_close(loss.detach(), expected_loss)
     grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-4)
+    return rows
 
 
 def test_one_objective_with_pairs_is_modpo_at_every_preference(tok, tmp_path):
@@ -219,14 +227,17 @@ def test_loss_matches_hand_computation():
     w = [[0.6, 0.1, 0.3], [0.2, 0.2, 0.6], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0]]
     ids = [0, 0, 1, 1, 1]
     dr = [1.0, -2.0, 0.5, 3.0, 0.0]  # margin of objective 2 (no pairs)
-    losses, linear = moc_losses(
-        torch.tensor(delta),
+    has_pairs = torch.tensor([True, True, False])
+    chosen, rejected, _ = margin_adjusted_rewards(
+        torch.tensor(delta) + 1.5,  # only the chosen-minus-rejected log-ratio enters the sigmoid loss
+        torch.full((5,), 1.5),
         torch.tensor(w),
-        torch.tensor(ids),
         torch.tensor([[0, 0, d] for d in dr]),
-        torch.tensor([True, True, False]),
+        has_pairs,
         beta,
     )
+    per_pair = pair_losses(chosen, rejected, beta, (torch.ones(5), torch.ones(5)), MOCConfig(**MOC_ARGS))
+    losses, linear = moc_losses(per_pair, torch.tensor(w), torch.tensor(ids), has_pairs)
     pair_loss, weight = [], []
     for b in range(5):
         mass = w[b][0] + w[b][1]
@@ -331,7 +342,19 @@ def test_training_saves_one_adapter_that_takes_any_preference(tok, tmp_path, sol
         (dict(control_weight=-1.0), r"control_weight=-1.0 must be a finite number >= 0"),
         (dict(grid_steps=0), r"grid_steps=0 must be an integer >= 1"),
         (dict(mgda_normalization="loss"), r"mgda_normalization='loss' is not valid; valid: \['l2', 'none'\]"),
-        (dict(loss_type="ipo"), r"loss_type=\['ipo'\] is not supported by MOC; valid: \['sigmoid'\]"),
+        (
+            dict(loss_type="aot"),
+            r"loss_type=\['aot'\] is not supported by MOC: \['aot'\] are not functions of one",
+        ),
+        (dict(loss_type=["sigmoid", "sft"]), r"\['sft'\] are not functions of one pair's implicit rewards"),
+        (
+            dict(f_divergence_type="js_divergence"),
+            r"f_divergence_type='js_divergence' is not supported by MOC",
+        ),
+        (
+            dict(margin_scoring="per_batch", margin_normalization="zscore"),
+            "margin_normalization='zscore' needs",
+        ),
     ],
 )
 def test_config_errors_name_the_field(kwargs, message, tmp_path):
@@ -357,3 +380,90 @@ def test_data_errors_name_the_problem(tok, tmp_path):
     fixed = pairs(n=2).add_column("preference", [[0.5, 0.5, 0.5]] * 4)
     with pytest.raises(ValueError, match=r"train_dataset\[0\]\['preference'\]=\[0.5, 0.5, 0.5\] sums to 1.5"):
         make_moc(tok, tmp_path, data=fixed)
+
+
+# --------------------------------------------------------------------------- TRL's loss types and data forms
+@pytest.mark.parametrize(
+    "loss_type", [*(t for t in PAIR_LOSS_TYPES if t != "sigmoid"), ("sigmoid", "ipo")], ids=str
+)
+def test_vertex_preference_is_dpo_for_every_pair_loss_type(tok, tmp_path, loss_type):
+    """At w = e_kind every TRL loss type MOC admits is TRL's DPO loss (and gradients) on kind's pairs."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    fields = {"loss_type": types, "beta": 0.5}
+    fields |= {"loss_weights": [1.0, 0.3]} if len(types) > 1 else {}
+    fields |= {"label_smoothing": 1e-3 if "exo_pair" in types else 0.1}
+    policy, ref = tiny_causal_lm(tok, seed=1), tiny_causal_lm(tok, seed=2)
+    data = pairs().add_column("preference", [[1.0, 0.0, 0.0]] * 16)
+    trainer = make_moc(
+        tok,
+        tmp_path,
+        data=data,
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(ref),
+        moo_solver="linear",
+        **fields,
+    )
+    assert_vertex_step_is_dpo(trainer, policy, ref, tok, tmp_path, **fields)
+
+
+def implicit(data):
+    """Whole conversations in chosen/rejected, no prompt column."""
+    return data.map(
+        lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
+        remove_columns=["prompt"],
+    )
+
+
+def test_implicit_prompts_and_streams_are_prepared_like_explicit_data(tok, tmp_path):
+    explicit = pairs(conversational=True)
+    fixed = explicit.add_column("preference", [[0.5, 0.2, 0.3]] * len(explicit))
+    reference = make_moc(tok, tmp_path / "e", data=fixed, peft=True)
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids", "preference", "objective_id"]
+    for data in (implicit(fixed), fixed.to_iterable_dataset(), implicit(fixed).to_iterable_dataset()):
+        trainer = make_moc(tok, tmp_path / "o", data=data, peft=True, max_steps=1)
+        rows = list(trainer.train_dataset) if isinstance(data, IterableDataset) else trainer.train_dataset
+        for got, want in zip(rows, reference.train_dataset, strict=True):
+            assert {c: got[c] for c in columns} == {c: want[c] for c in columns}
+    # A stream without preferences draws each row's own, reproducibly from the seed and the row's index.
+    drawn = [
+        make_moc(tok, tmp_path / "s", data=explicit.to_iterable_dataset(), peft=True, max_steps=1)
+        for _ in range(2)
+    ]
+    first, second = ([row["preference"] for row in t.train_dataset] for t in drawn)
+    assert first == second and len({tuple(w) for w in first}) > 10
+
+
+def test_a_stream_trains_and_evaluates_with_margins_scored_per_batch(tok, tmp_path):
+    trainer = make_moc(
+        tok, tmp_path, data=pairs().to_iterable_dataset(), peft=True, max_steps=2, logging_steps=1
+    )
+    assert math.isfinite(trainer.train().training_loss)
+    metrics = trainer.evaluate(pairs(n=2).to_iterable_dataset())
+    assert math.isfinite(metrics["eval_loss"])
+    bad = objective_pairs({"helpful": toy_preference_dataset(4)}).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"row 0 has objective='helpful', which is unknown"):
+        trainer.evaluate(bad)
+
+
+def test_per_batch_margins_give_the_precomputed_loss(tok, tmp_path):
+    data = pairs().add_column("preference", [[0.4, 0.3, 0.3]] * 16)
+    losses = []
+    for scoring in ("precompute", "per_batch"):
+        trainer = make_moc(tok, tmp_path / scoring, data=data, peft=True, margin_scoring=scoring)
+        rows = [trainer.train_dataset[i] for i in range(6)]
+        losses.append(trainer.compute_loss(trainer.model, trainer.data_collator(rows)))
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_evaluate_passes_only_model_inputs_to_the_model(tok, tmp_path, precompute):
+    """TRL's reference precompute in `evaluate()` collates with MOC's collator: preferences, objective ids and
+    margins must not reach `forward` (a model without `**kwargs` would raise)."""
+    trainer = make_moc(
+        tok,
+        tmp_path,
+        model=strict_backbone(tiny_causal_lm(tok)),
+        peft=True,
+        precompute_ref_log_probs=precompute,
+    )
+    assert math.isfinite(trainer.evaluate(pairs(n=2))["eval_loss"])

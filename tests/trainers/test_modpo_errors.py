@@ -1,7 +1,8 @@
 """Every bad input fails before any model work, with a message naming the field, the value and what is valid."""
 
 import pytest
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
+from trl import DPOConfig
 
 from modpo_trl import MODPOConfig, MODPOTrainer, RewardModel
 from modpo_trl.testing import tiny_causal_lm, tiny_reward_model, toy_preference_dataset
@@ -33,10 +34,29 @@ def test_other_config_errors():
         ValueError, match=r"margin_normalization='l2' is not valid; valid: \['none', 'zscore'\]"
     ):
         MODPOConfig(output_dir="x", weights=[1.0], margin_normalization="l2", use_cpu=True)
-    with pytest.raises(ValueError, match=r"loss_type=\['aot'\] is not supported by MODPO; valid:"):
-        MODPOConfig(output_dir="x", weights=[1.0], loss_type="aot", use_cpu=True)
-    with pytest.raises(ValueError, match="f_divergence_type='js_divergence' is not supported"):
-        MODPOConfig(output_dir="x", weights=[1.0], f_divergence_type="js_divergence", use_cpu=True)
+    with pytest.raises(
+        ValueError, match=r"margin_scoring='lazy' is not valid; valid: \['precompute', 'per_batch'\]"
+    ):
+        MODPOConfig(output_dir="x", margin_scoring="lazy", use_cpu=True)
+    with pytest.raises(ValueError, match="margin_normalization='zscore' needs each reward's spread"):
+        MODPOConfig(output_dir="x", margin_scoring="per_batch", margin_normalization="zscore", use_cpu=True)
+
+
+@pytest.mark.parametrize("f_divergence_type", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergences_without_margins_are_dpo_and_with_margins_fail_with_why(f_divergence_type):
+    MODPOConfig(output_dir="x", weights=[1.0], f_divergence_type=f_divergence_type, use_cpu=True)
+    MODPOConfig(output_dir="x", weights=[1.0, 0.0], f_divergence_type=f_divergence_type, use_cpu=True)
+    with pytest.raises(
+        ValueError, match=rf"f_divergence_type='{f_divergence_type}' cannot be used with margin"
+    ):
+        MODPOConfig(output_dir="x", weights=[0.5, 0.5], f_divergence_type=f_divergence_type, use_cpu=True)
+
+
+def test_sft_alone_fails_only_with_margins():
+    MODPOConfig(output_dir="x", weights=[1.0], loss_type="sft", use_cpu=True)
+    MODPOConfig(output_dir="x", weights=[0.5, 0.5], loss_type=["sigmoid", "sft"], use_cpu=True)
+    with pytest.raises(ValueError, match=r"loss_type=\['sft'\] does not use the implicit rewards"):
+        MODPOConfig(output_dir="x", weights=[0.5, 0.5], loss_type="sft", use_cpu=True)
 
 
 class Exploding:
@@ -76,28 +96,52 @@ def test_reward_model_with_several_outputs(tokenizer):
 
 
 def test_non_finite_rewards_name_the_source_and_row(tokenizer):
+    """Found while the data is prepared, before training (scoring needs the loaded trainer)."""
+
     def nan_on_third(prompts, responses):
         return [float("nan") if i == 2 else 0.0 for i in range(len(responses))]
 
     with pytest.raises(
         ValueError, match=r"'nan_on_third' returned a non-finite score \(nan\) at row 2 \(chosen\)"
     ):
-        trainer(tokenizer, margins=(nan_on_third,))
+        trainer(tokenizer, margins=(nan_on_third,), model=tiny_causal_lm(tokenizer))
 
 
 def test_missing_columns_and_empty_dataset(tokenizer):
-    no_prompt = toy_preference_dataset(4).remove_columns("prompt")
-    with pytest.raises(ValueError, match=r"train_dataset is missing column\(s\) \['prompt'\]"):
-        trainer(tokenizer, dataset=no_prompt)
+    no_chosen = toy_preference_dataset(4).remove_columns("chosen")
+    with pytest.raises(ValueError, match=r"train_dataset is missing column\(s\) \['chosen'\]"):
+        trainer(tokenizer, dataset=no_chosen)
     empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
     with pytest.raises(ValueError, match="train_dataset is empty"):
         trainer(tokenizer, dataset=empty)
-    with pytest.raises(TypeError, match="train_dataset must be a datasets.Dataset"):
-        trainer(tokenizer, dataset=IterableDataset.from_generator(lambda: iter([{"prompt": "a"}])))
-    with pytest.raises(ValueError, match="train_dataset is required"):
+    with pytest.raises(ValueError, match=r"eval_dataset\['b'\] is empty"):
+        MODPOTrainer(
+            model=Exploding(),
+            args=MODPOConfig(weights=[0.5, 0.5], **COMMON),
+            train_dataset=toy_preference_dataset(4),
+            eval_dataset={"a": toy_preference_dataset(2), "b": empty},
+            processing_class=tokenizer,
+            margin_rewards=[n_words],
+        )
+
+
+def test_trl_checks_keep_trl_messages(tokenizer):
+    """A missing or wrongly typed train_dataset fails as in DPOTrainer, before the model is touched."""
+    with pytest.raises(ValueError, match="^`train_dataset` is required$"):
         trainer(tokenizer, dataset=None)
+    with pytest.raises(
+        TypeError, match="^`train_dataset` must be a `Dataset` or `IterableDataset`, got `list`.$"
+    ):
+        trainer(tokenizer, dataset=[{"prompt": "a", "chosen": "b", "rejected": "c"}])
 
 
 def test_args_must_be_modpo_config(tokenizer):
-    with pytest.raises(TypeError, match="args must be a MODPOConfig"):
-        MODPOTrainer(model=tiny_causal_lm(tokenizer), args=None, train_dataset=toy_preference_dataset(2))
+    with pytest.raises(
+        TypeError, match=r"args must be a MODPOConfig \(a DPOConfig with `weights`\), got DPOConfig"
+    ):
+        MODPOTrainer(
+            model=tiny_causal_lm(tokenizer),
+            args=DPOConfig(**COMMON),
+            train_dataset=toy_preference_dataset(2),
+            processing_class=tokenizer,
+        )

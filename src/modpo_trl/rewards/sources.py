@@ -3,12 +3,14 @@
 MODPO's margin rewards, the evaluation scorers and DPA's multi-objective reward model all score
 (prompt, response) pairs. Every source has a `name`, a `fingerprint()` that changes whenever its scores
 could change (used by the score cache), and `score_pairs(dataset)`, which scores the `chosen` and
-`rejected` responses of a preference dataset. Model-backed sources accept a loaded model or a local path;
+`rejected` responses of a preference dataset (passing the dataset's other columns a source asks for, see
+`input_columns`). Model-backed sources accept a loaded model or a local path;
 a path is only loaded when scores are actually needed (a cache hit loads nothing) and released afterwards.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -37,6 +39,9 @@ from .callables import Unfingerprintable, callable_fingerprint
 
 Prompt = str | list[dict[str, Any]]
 Response = str | list[dict[str, Any]]
+# A preference row's columns, and the names a reward function's own arguments take: never passed as columns.
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+_CALL_NAMES = ("prompts", "completions", "responses")
 
 
 class RewardSource(ABC):
@@ -57,17 +62,37 @@ class RewardSource(ABC):
     def release(self) -> None:
         """Frees weights this source loaded itself (nothing for in-memory models or functions)."""
 
-    def score_pairs(self, dataset: Dataset, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores `(prompt, chosen)` and `(prompt, rejected)` of every row, in batches, with a progress bar."""
+    def input_columns(self, available: Sequence[str]) -> list[str]:
+        """The dataset columns among `available`, besides prompt/chosen/rejected, that `score` takes as keyword
+        arguments (TRL's reward-function convention); none for sources that only read the text."""
+        return []
+
+    def score_pairs(
+        self, dataset: Dataset, batch_size: int = 16, progress: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores `(prompt, chosen)` and `(prompt, rejected)` of every row, in batches.
+
+        A response the source returns `None` for (TRL's "not applicable") scores NaN.
+        """
         n = len(dataset)
         prompts = list(dataset["prompt"])
         responses = list(dataset["chosen"]) + list(dataset["rejected"])
+        columns = {c: list(dataset[c]) for c in self.input_columns(dataset.column_names)}
         scores = []
         with torch.no_grad():
-            for start in tqdm(range(0, 2 * n, batch_size), desc=f"Scoring margin reward '{self.name}'"):
+            starts = range(0, 2 * n, batch_size)
+            if progress:  # (TQDM_DISABLE still applies)
+                starts = tqdm(starts, desc=f"Scoring margin reward '{self.name}'")
+            for start in starts:
                 idx = range(start, min(start + batch_size, 2 * n))
-                batch = self.score([prompts[i % n] for i in idx], [responses[i] for i in idx])
-                scores.append(check_scores(self.name, batch, expected=len(idx), offset=start, n=n))
+                batch = self.score(
+                    [prompts[i % n] for i in idx],
+                    [responses[i] for i in idx],
+                    **{c: [values[i % n] for i in idx] for c, values in columns.items()},
+                )
+                scores.append(
+                    check_scores(self.name, batch, expected=len(idx), offset=start, n=n, allow_none=True)
+                )
         scores = torch.cat(scores)
         return scores[:n], scores[n:]
 
@@ -77,9 +102,26 @@ class ScoreError(ValueError):
 
 
 def check_scores(
-    name: str, scores: Any, expected: int, offset: int = 0, n: int | None = None
+    name: str, scores: Any, expected: int, offset: int = 0, n: int | None = None, allow_none: bool = False
 ) -> torch.Tensor:
-    """`scores` as a float tensor of `expected` finite values; a `ScoreError` naming the source and the row."""
+    """`scores` as a float tensor of `expected` finite values; a `ScoreError` naming the source and the row.
+
+    `None` is TRL's "this reward does not apply": NaN where `allow_none` (margins, see `MODPOConfig`), else an
+    error (evaluation and DPA need a number for every response).
+    """
+
+    def where(j: int) -> str:
+        i = offset + j
+        return f"row {i % n} ({'chosen' if i < n else 'rejected'})" if n else f"item {i}"
+
+    missing = [j for j, s in enumerate(scores) if s is None] if isinstance(scores, list | tuple) else []
+    if missing and not allow_none:
+        raise ScoreError(
+            f"reward source '{name}' returned None (not applicable) at {where(missing[0])}; {len(missing)} in this "
+            "batch. Here every response needs a score: None is only accepted from margin rewards."
+        )
+    if missing:
+        scores = [math.nan if s is None else s for s in scores]
     try:
         scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
     except (TypeError, ValueError, RuntimeError):
@@ -89,22 +131,29 @@ def check_scores(
         ) from None
     if scores.numel() != expected:
         raise ScoreError(f"reward source '{name}' returned {scores.numel()} scores for a batch of {expected}")
-    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    finite = torch.isfinite(scores)
+    finite[missing] = True
+    bad = (~finite).nonzero().flatten()
     if len(bad):
-        i = offset + int(bad[0])
-        where = f"row {i % n} ({'chosen' if i < n else 'rejected'})" if n else f"item {i}"
         raise ScoreError(
-            f"reward source '{name}' returned a non-finite score ({scores[bad[0]].item()}) at {where}; "
-            f"{len(bad)} non-finite in this batch. Rewards must be finite numbers."
+            f"reward source '{name}' returned a non-finite score ({scores[bad[0]].item()}) at {where(int(bad[0]))}; "
+            f"{len(bad)} non-finite in this batch. Rewards must be finite numbers (or None: not applicable)."
         )
     return scores
 
 
 class FunctionReward(RewardSource):
-    """A Python callable `fn(prompts, responses) -> list[float] | Tensor` (rule-based scores, APIs).
+    """A Python callable scoring responses (rule-based scores, APIs), in either of two forms:
 
-    It receives the dataset's own values: strings for TRL's standard format, message lists for the
-    conversational one.
+    - TRL's reward-function convention (GRPO's), recognised by a `completions` parameter or by taking only
+      `**kwargs`: `fn(prompts=..., completions=..., **columns)`, where `columns` are the dataset's other columns
+      (one value per response), as TRL passes them; `prompts` is passed when `fn` takes it.
+    - positional: `fn(prompts, responses)`, plus the dataset columns `fn` declares as keyword parameters (all of
+      them if it takes `**kwargs`).
+
+    It returns one score per response (a list or tensor); `None` marks a response the reward does not apply to
+    (see `check_scores`). It receives the dataset's own values: strings for TRL's standard format, message lists
+    for the conversational one.
 
     Its fingerprint follows everything the function's behaviour can depend on (`modpo_trl.rewards.callables`):
     its code and the code of its package, and the values it reads (defaults, closures, globals, the state of a
@@ -113,7 +162,7 @@ class FunctionReward(RewardSource):
     when you change `version` (bump it whenever the function's behaviour changes).
     """
 
-    def __init__(self, fn: Callable[[list, list], Any], name: str | None = None, version: str | None = None):
+    def __init__(self, fn: Callable[..., Any], name: str | None = None, version: str | None = None):
         if not callable(fn):
             raise TypeError(f"FunctionReward needs a callable, got {type(fn).__name__}")
         if version is not None and not (isinstance(version, str) and version):
@@ -122,6 +171,7 @@ class FunctionReward(RewardSource):
         self.version = version
         fn_name = getattr(fn, "__name__", type(fn).__name__)
         self.name = name or ("reward" if fn_name == "<lambda>" else fn_name)
+        self.keyword, self._any_column, self._parameters = _call_form(fn)
         self._unknown = f"unknowable-{uuid.uuid4().hex}"  # the fingerprint when the behaviour cannot be read
         self._warned = False
 
@@ -153,8 +203,43 @@ class FunctionReward(RewardSource):
         # Unknowable: a key of this instance only, so that no other run (nor an evaluation cache) ever matches it.
         return fingerprint("function", self._code_fingerprint() or self._unknown)
 
-    def score(self, prompts, responses):
-        return self.fn(list(prompts), list(responses))
+    def input_columns(self, available: Sequence[str]) -> list[str]:
+        extra = [c for c in available if c not in PAIR_COLUMNS and c not in _CALL_NAMES]
+        return extra if self._any_column else [c for c in extra if c in self._parameters]
+
+    def score(self, prompts, responses, **columns):
+        if not self.keyword:
+            return self.fn(list(prompts), list(responses), **columns)
+        if self._any_column or "prompts" in self._parameters:
+            columns["prompts"] = list(prompts)
+        return self.fn(completions=list(responses), **columns)
+
+
+def _call_form(fn: Callable[..., Any]) -> tuple[bool, bool, frozenset[str]]:
+    """How `FunctionReward` calls `fn`: (TRL's keyword convention?, takes `**kwargs`?, the names it can take as
+    keyword arguments besides the prompts and responses of the positional form)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: call them positionally
+        return False, False, frozenset()
+    kinds = [p.kind for p in parameters.values()]
+    any_column = inspect.Parameter.VAR_KEYWORD in kinds
+    positional = [
+        name
+        for name, p in parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    keyword = "completions" in parameters or (
+        any_column and not positional and inspect.Parameter.VAR_POSITIONAL not in kinds
+    )
+    named = {
+        name
+        for name, p in parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    if not keyword:
+        named -= set(positional[:2])  # they take the prompts and the responses
+    return keyword, any_column, frozenset(named)
 
 
 class ColumnReward(RewardSource):
@@ -525,5 +610,6 @@ def as_reward_source(entry: Any, index: int) -> RewardSource:
         return FunctionReward(entry)
     raise TypeError(
         f"margin_rewards[{index}] has unsupported type {type(entry).__name__}; valid: a callable "
-        "fn(prompts, responses) -> floats, RewardModel, ImplicitReward, ColumnReward or another RewardSource"
+        "fn(prompts, responses) -> floats or TRL-style fn(completions, **kwargs), RewardModel, ImplicitReward, "
+        "ColumnReward or another RewardSource"
     )

@@ -95,7 +95,14 @@ class StackedReward(RewardSource):
     def score(self, prompts, responses) -> torch.Tensor:
         columns = []
         for attribute, source in zip(self.attributes, self.sources, strict=True):
-            values = torch.as_tensor(source.score(prompts, responses), dtype=torch.float32).reshape(-1)
+            values = source.score(prompts, responses)
+            if isinstance(values, list | tuple) and any(v is None for v in values):
+                i = next(i for i, v in enumerate(values) if v is None)
+                raise ValueError(
+                    f"reward for '{attribute}' returned None (not applicable) for response {i}: a reward vector "
+                    "needs a score for every attribute of every response"
+                )
+            values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
             if values.numel() != len(prompts):
                 raise ValueError(
                     f"reward for '{attribute}' returned {values.numel()} scores for {len(prompts)} responses"
@@ -122,7 +129,8 @@ def _as_source(entry: Any, index: int, attribute: str) -> RewardSource:
         return FunctionReward(entry, name=attribute)
     raise TypeError(
         f"reward[{index}] ({attribute}) has unsupported type {type(entry).__name__}; valid: a callable "
-        "fn(prompts, responses) -> floats, or a RewardSource (RewardModel(..., output=...), ImplicitReward, ...)"
+        "fn(prompts, responses) -> floats or TRL-style fn(completions, **kwargs), or a RewardSource "
+        "(RewardModel(..., output=...), ImplicitReward, ...)"
     )
 
 

@@ -6,9 +6,24 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..conditioning.preference import check_preference
-from .margins import MARGIN_NORMALIZATIONS
+from .margins import check_margin_fields
 
 PREFERENCE_SAMPLINGS = ("dirichlet", "grid")
+# TRL's loss types that are a function of one pair's implicit rewards: MOC weights each pair by its own preference.
+PAIR_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
 MOO_SOLVERS = ("mgda", "linear")
 MGDA_NORMALIZATIONS = ("l2", "none")
 
@@ -78,12 +93,15 @@ class MOCConfig(DPOConfig):
             is reached warns with the duality gap.
         mgda_tol (`float`, *optional*, defaults to `1e-10`):
             Frank-Wolfe stops when its duality gap is below this.
-        margin_normalization, margin_batch_size, use_score_cache, score_cache_dir:
-            As in [`MODPOConfig`], for the margin rewards of objectives without pairs (scored once before training,
-            cached by content and shared with MODPO runs on the same pairs).
+        margin_scoring, margin_normalization, margin_batch_size, use_score_cache, score_cache_dir:
+            As in [`MODPOConfig`], for the margin rewards of objectives without pairs (by default scored once before
+            training, cached by content and shared with MODPO runs on the same pairs).
 
-    Only `loss_type="sigmoid"` with `f_divergence_type="reverse_kl"` is supported (the loss is computed per pair,
-    to weight it by its own preference).
+    `loss_type` (and a list of them with `loss_weights`) may be any of TRL's loss types that is a function of one
+    pair's implicit rewards, `PAIR_LOSS_TYPES`: each pair's loss is TRL's formula on MODPO's margin-adjusted rewards
+    (`-log sigmoid(z_b)` above for `"sigmoid"`), so that it can be weighted by the pair's own preference. Not
+    supported: `"aot"` and `"aot_unpaired"` (they sort across the batch), `"sft"` (a batch mean of token
+    log-likelihoods), and `f_divergence_type` other than `"reverse_kl"` (as in [`MODPOConfig`] with margins).
 
     Logged metrics: TRL's `rewards/*` (`beta` x log-ratios, before margins), `logps/*` and `entropy`, plus
     `moc/loss_<name>` (L_i), `moc/control_mse` (C, unweighted), `moc/alpha_<name>` and `moc/alpha_control` (the
@@ -117,6 +135,12 @@ class MOCConfig(DPOConfig):
         default=250, metadata={"help": "Frank-Wolfe iterations for more than 8 losses."}
     )
     mgda_tol: float = field(default=1e-10, metadata={"help": "Frank-Wolfe duality-gap tolerance."})
+    margin_scoring: str = field(
+        default="precompute",
+        metadata={
+            "help": "When margin rewards are scored: 'precompute' (once, cached) or 'per_batch' (each step)."
+        },
+    )
     margin_normalization: str = field(
         default="none", metadata={"help": "How margin rewards are scaled: 'none' (raw) or 'zscore'."}
     )
@@ -144,7 +168,7 @@ class MOCConfig(DPOConfig):
         _check_choice("preference_sampling", self.preference_sampling, PREFERENCE_SAMPLINGS)
         _check_choice("moo_solver", self.moo_solver, MOO_SOLVERS)
         _check_choice("mgda_normalization", self.mgda_normalization, MGDA_NORMALIZATIONS)
-        _check_choice("margin_normalization", self.margin_normalization, MARGIN_NORMALIZATIONS)
+        check_margin_fields(self)
         _check_number("dirichlet_alpha", self.dirichlet_alpha, strict=True)
         _check_number("heldout_radius", self.heldout_radius, strict=False)
         _check_number("control_weight", self.control_weight, strict=False)
@@ -157,11 +181,17 @@ class MOCConfig(DPOConfig):
             check_preference(w, len(names), f"heldout_preferences[{i}]")
             for i, w in enumerate(self.heldout_preferences or [])
         ]
-        if self.loss_type != ["sigmoid"]:
-            raise ValueError(f"loss_type={self.loss_type} is not supported by MOC; valid: ['sigmoid']")
+        unsupported = [t for t in self.loss_type if t not in PAIR_LOSS_TYPES]
+        if unsupported:
+            raise ValueError(
+                f"loss_type={self.loss_type} is not supported by MOC: {unsupported} are not functions of one pair's "
+                "implicit rewards (MOC weights each pair by its own preference); valid: "
+                + str(list(PAIR_LOSS_TYPES))
+            )
         if self.f_divergence_type != "reverse_kl":
             raise ValueError(
-                f"f_divergence_type={self.f_divergence_type!r} is not supported by MOC; valid: ['reverse_kl']"
+                f"f_divergence_type={self.f_divergence_type!r} is not supported by MOC: its margins enter as a shift "
+                "of the implicit rewards, which only the reverse KL gives; valid: ['reverse_kl']"
             )
         if self.label_smoothing != 0 or self.loss_weights is not None:  # the per-pair loss reads neither
             raise ValueError(

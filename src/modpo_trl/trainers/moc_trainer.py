@@ -7,19 +7,28 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from trl import DPOTrainer
 
 from ..conditioning.preference import check_preference, condition_prompt, sample_preferences
 from ..rewards.sources import RewardSource, as_reward_source
-from .margins import CHOSEN_MARGINS, MARGIN_COLUMNS, REJECTED_MARGINS, MarginCollator, MarginScorer
+from .margins import (
+    MARGIN_COLUMNS,
+    MarginCollator,
+    MarginScorer,
+    pair_differences,
+    with_explicit_prompt,
+    without_margins,
+)
 from .mgda import descent_coefficients
 from .moc_config import MOCConfig
 
 OBJECTIVE, OBJECTIVE_ID, PREFERENCE = "objective", "objective_id", "preference"
-REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", OBJECTIVE)
+# The prompt may be implicit in chosen/rejected (whole conversations): it is extracted as TRL does.
+REQUIRED_COLUMNS = ("chosen", "rejected", OBJECTIVE)
 # MODPO divides by the preference mass on the objectives with pairs: kept >= the precision of a rendered preference.
 MIN_DATA_WEIGHT = 0.01
 # Added to the variance of the achieved rewards in their z-scores: they are all ~0 at the start of training.
@@ -31,11 +40,14 @@ class MOCTrainer(DPOTrainer):
 
     Same constructor as `DPOTrainer`, except:
       - `train_dataset` (and `eval_dataset`) hold the pairs of every objective that has pairs, with an `objective`
-        column naming the objective that labelled each pair (`objective_pairs({name: pairs, ...})` builds it). A
-        `preference` column, if present, fixes each row's `w`; otherwise `w` is sampled per row (`MOCConfig`).
+        column naming the objective that labelled each pair (`objective_pairs({name: pairs, ...})` builds it), in
+        any of TRL's forms (standard, conversational, implicit prompt; `Dataset` or streaming `IterableDataset`). A
+        `preference` column, if present, fixes each row's `w`; otherwise `w` is sampled per row (`MOCConfig`; for a
+        stream, from the row's index and the seed). A stream's labels are checked as its rows arrive.
       - `margin_rewards`: `{objective name: frozen reward source}` for the objectives without pairs (a callable
-        `fn(prompts, responses) -> floats`, `RewardModel`, `ImplicitReward` or `ColumnReward`). They are scored once
-        on the unconditioned pairs, with MODPOTrainer's code and cache (so a MODPO sweep's scores are reused).
+        `fn(prompts, responses)` or TRL's `fn(prompts=..., completions=..., **columns)`, `RewardModel`,
+        `ImplicitReward` or `ColumnReward`). They are scored on the unconditioned pairs with MODPOTrainer's code and
+        cache (so a MODPO sweep's scores are reused), once or per batch as `margin_scoring` says.
 
     Each row's prompt is conditioned on its `w` (`modpo_trl.conditioning.preference.condition_prompt`) before tokenisation. Per
     pair b of objective i with preference w, `delta_b` the chosen-minus-rejected policy/reference log-ratio, `dr_j`
@@ -43,7 +55,7 @@ class MOCTrainer(DPOTrainer):
     pairs and `t = max(sum_{m in D} w_m, 0.01)`:
 
         z_b   = (beta * delta_b - sum_j w_j dr_j) / t           # MODPO's logit with target mass t
-        l_b   = -log sigmoid(z_b)
+        l_b   = -log sigmoid(z_b)                               # "sigmoid"; TRL's other pair losses likewise
         u_b   = t * w_i / sum_{m in D} w_m                      # = w_i without margins, = t with one objective in D
         L_i   = sum_{b of i} u_b l_b / sum_{b of i} u_b
         linear loss = sum_b u_b l_b / sum_b u_b  (+ control_weight * C)
@@ -76,8 +88,8 @@ class MOCTrainer(DPOTrainer):
         ref_model=None,
         args: MOCConfig | None = None,
         data_collator=None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class=None,
         compute_metrics=None,
         callbacks=None,
@@ -132,10 +144,19 @@ class MOCTrainer(DPOTrainer):
         self.data_collator = PreferenceCollator(MarginCollator(self.data_collator))
 
     # ------------------------------------------------------------------------------------------------ data
-    def _prepare_preferences(self, dataset: Any, field_name: str, args: MOCConfig, seed: int) -> Dataset:
+    def _prepare_preferences(
+        self, dataset: Any, field_name: str, args: MOCConfig, seed: int
+    ) -> Dataset | IterableDataset:
         """Checks `dataset`, scores the margins, gives each row its `w` and conditions its prompt on it."""
         names = self.objective_names
         _check_dataset(dataset, field_name)
+        dataset = with_explicit_prompt(dataset, args.dataset_num_proc, field_name)
+        if isinstance(dataset, IterableDataset):
+            return self._margins.add(dataset, field_name).map(
+                self._stream_row,
+                with_indices=True,
+                fn_kwargs={"field_name": field_name, "args": args, "seed": seed},
+            )
         labels = set(dataset[OBJECTIVE])
         unknown = sorted(labels - set(names))
         if unknown:
@@ -153,7 +174,7 @@ class MOCTrainer(DPOTrainer):
                     f"objective(s) {missing} have no pairs in train_dataset (column {OBJECTIVE!r}) and no entry in "
                     "margin_rewards: every objective needs one or the other"
                 )
-        dataset = self._margins.add(dataset)
+        dataset = self._margins.add(dataset, field_name)
         ids = [names.index(label) for label in dataset[OBJECTIVE]]
         dataset = dataset.remove_columns([c for c in (OBJECTIVE_ID,) if c in dataset.column_names])
         dataset = dataset.add_column(OBJECTIVE_ID, ids)
@@ -161,21 +182,35 @@ class MOCTrainer(DPOTrainer):
             for i, w in enumerate(dataset[PREFERENCE]):
                 check_preference(w, len(names), f"{field_name}[{i}][{PREFERENCE!r}]")
         else:
-            weights = sample_preferences(
-                len(dataset),
-                len(names),
-                method=args.preference_sampling,
-                dirichlet_alpha=args.dirichlet_alpha,
-                grid_steps=args.grid_steps,
-                heldout=args.heldout_preferences,
-                heldout_radius=args.heldout_radius,
-                seed=seed,
-            )
-            dataset = dataset.add_column(PREFERENCE, weights.tolist())
+            dataset = dataset.add_column(PREFERENCE, _draw_preferences(args, len(dataset), seed).tolist())
         return dataset.map(
             lambda row: {"prompt": condition_prompt(row["prompt"], row[PREFERENCE], names)},
             desc=f"Conditioning {field_name} prompts on their preference",
         )
+
+    def _stream_row(
+        self, row: dict[str, Any], index: int, field_name: str, args: MOCConfig, seed: int
+    ) -> dict[str, Any]:
+        """`_prepare_preferences` for one row of a stream, checked as it arrives."""
+        names = self.objective_names
+        label = row[OBJECTIVE]
+        if label not in names or label in self.margin_names:
+            why = (
+                "has a margin reward (pairs or a margin reward, not both)" if label in names else "is unknown"
+            )
+            raise ValueError(
+                f"{field_name}: row {index} has {OBJECTIVE}={label!r}, which {why}; valid: {names}"
+            )
+        if row.get(PREFERENCE) is not None:
+            w = check_preference(row[PREFERENCE], len(names), f"{field_name}[{index}][{PREFERENCE!r}]")
+        else:
+            row_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+            w = _draw_preferences(args, 1, row_seed)[0].tolist()
+        return {
+            "prompt": condition_prompt(row["prompt"], w, names),
+            OBJECTIVE_ID: names.index(label),
+            PREFERENCE: w,
+        }
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -183,14 +218,21 @@ class MOCTrainer(DPOTrainer):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
+    def compute_ref_log_probs(self, model, inputs):
+        # TRL passes every batch entry it does not know to the model's forward: only model inputs may reach it.
+        model_inputs = {
+            k: v for k, v in without_margins(inputs).items() if k not in (PREFERENCE, OBJECTIVE_ID)
+        }
+        return super().compute_ref_log_probs(model, model_inputs)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset handed to `evaluate` directly needs margins and conditioned prompts too.
         def prepare(dataset, name):
-            if "prompt_ids" in dataset.column_names:
+            if "prompt_ids" in next(iter(dataset)):
                 return dataset
             return self._prepare_preferences(dataset, name, self.args, self.args.seed + 1)
 
-        if isinstance(eval_dataset, Dataset):
+        if isinstance(eval_dataset, Dataset | IterableDataset):
             eval_dataset = prepare(eval_dataset, "eval_dataset")
         elif isinstance(eval_dataset, dict):
             eval_dataset = {k: prepare(d, f"eval_dataset[{k!r}]") for k, d in eval_dataset.items()}
@@ -204,20 +246,26 @@ class MOCTrainer(DPOTrainer):
             raise ValueError("MOCTrainer does not return model outputs (compute_metrics is not supported)")
         inputs = dict(inputs)
         preferences, objective_ids = inputs.pop(PREFERENCE), inputs.pop(OBJECTIVE_ID)
-        chosen_r, rejected_r = inputs.pop(CHOSEN_MARGINS), inputs.pop(REJECTED_MARGINS)
+        chosen_r, rejected_r = self._margins.pop(inputs)  # NaN: a reward that does not apply to the pair
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs.pop("ref_chosen_logps"), inputs.pop("ref_rejected_logps")
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
         logps, outputs = self._sequence_logps(model, inputs)  # (2B,): the tensor MGDA works on
         chosen_logps, rejected_logps = logps.chunk(2)
-        delta = (chosen_logps - ref_chosen) - (rejected_logps - ref_rejected)
+        chosen_logratios, rejected_logratios = chosen_logps - ref_chosen, rejected_logps - ref_rejected
+        delta = chosen_logratios - rejected_logratios
         # Margin rewards of the objectives without pairs, as (B, n) chosen-minus-rejected differences (0 elsewhere).
         has_pairs = self._has_pairs.to(preferences.device)
         margin_diffs = torch.zeros_like(preferences)
-        margin_diffs[:, ~has_pairs] = (chosen_r - rejected_r).to(preferences)
+        margin_diffs[:, ~has_pairs] = pair_differences(chosen_r, rejected_r).to(preferences)
 
-        losses, linear = moc_losses(delta, preferences, objective_ids, margin_diffs, has_pairs, self.beta)
+        chosen_rewards, rejected_rewards, t = margin_adjusted_rewards(
+            chosen_logratios, rejected_logratios, preferences, margin_diffs, has_pairs, self.beta
+        )
+        lengths = inputs["completion_mask"].sum(dim=1).float().chunk(2)
+        per_pair = pair_losses(chosen_rewards, rejected_rewards, self.beta / t, lengths, self.args)
+        losses, linear = moc_losses(per_pair, preferences, objective_ids, has_pairs)
         if self.args.control_weight > 0:
             control = control_loss(self.beta * delta, preferences, objective_ids, margin_diffs, has_pairs)
             if control is not None:
@@ -285,26 +333,95 @@ class MOCTrainer(DPOTrainer):
             self._metrics[mode][key].append(float(value))
 
 
-def moc_losses(
-    delta: torch.Tensor,
+def margin_adjusted_rewards(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
     preferences: torch.Tensor,
-    objective_ids: torch.Tensor,
     margin_diffs: torch.Tensor,
     has_pairs: torch.Tensor,
     beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each pair's MODPO rewards `h / t` of the chosen and the rejected response, and the target mass `t`.
+
+    `h(y) = beta * log-ratio(y) - w . (r(y) - (r(y_w) + r(y_l)) / 2)`: the margin rewards of the objectives without
+    pairs centred on the pair (as in `MODPOTrainer`), so that `h(y_w) - h(y_l)` is the `MOCTrainer` docstring's
+    `t * z_b`. `*_logratios`: (B,); `preferences`, `margin_diffs`: (B, n) (chosen-minus-rejected margin rewards);
+    `has_pairs`: (n,) bool.
+    """
+    t = preferences[:, has_pairs].sum(dim=1).clamp(min=MIN_DATA_WEIGHT)
+    half_margin = (preferences * margin_diffs).sum(dim=1) / 2
+    return (beta * chosen_logratios - half_margin) / t, (beta * rejected_logratios + half_margin) / t, t
+
+
+def pair_losses(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    beta: torch.Tensor,
+    lengths: tuple[torch.Tensor, torch.Tensor],
+    args: MOCConfig,
+) -> torch.Tensor:
+    """Each pair's loss under `args.loss_type` (summed with `args.loss_weights`): TRL's per-pair formulas with its
+    implicit rewards `beta * log-ratio` replaced by `chosen_rewards` / `rejected_rewards`, (B,) each.
+
+    `beta`: (B,) the loss's beta of each pair (for the losses TRL writes on log-ratios: log-ratio = reward / beta);
+    `lengths`: the chosen and rejected completions' token counts (IPO and sigmoid_norm normalise by them).
+    """
+    r_c, r_r = chosen_rewards, rejected_rewards
+    z, eps = r_c - r_r, args.label_smoothing
+    n_c, n_r = (n.clamp(min=1.0) for n in lengths)
+    total = torch.zeros_like(z)
+    for loss_type, weight in zip(
+        args.loss_type, args.loss_weights or [1.0] * len(args.loss_type), strict=True
+    ):
+        if loss_type == "sigmoid":
+            loss = -F.logsigmoid(z)
+        elif loss_type == "hinge":
+            loss = torch.relu(1 - z)
+        elif loss_type == "ipo":
+            loss = ((r_c / n_c - r_r / n_r) / beta - 1 / (2 * beta)) ** 2
+        elif loss_type == "exo_pair":
+            loss = torch.sigmoid(z) * (F.logsigmoid(z) - np.log1p(-eps)) + torch.sigmoid(-z) * (
+                F.logsigmoid(-z) - np.log(eps)
+            )
+        elif loss_type == "nca_pair":
+            loss = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
+        elif loss_type == "robust":
+            loss = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+        elif loss_type == "bco_pair":
+            loss = -F.logsigmoid(r_c) - F.logsigmoid(-r_r)
+        elif loss_type == "sppo_hard":
+            loss = ((r_c - 0.5) / beta) ** 2 + ((r_r + 0.5) / beta) ** 2
+        elif loss_type == "apo_zero":
+            loss = 1 - torch.sigmoid(r_c) + torch.sigmoid(r_r)
+        elif loss_type == "apo_down":
+            loss = torch.sigmoid(r_c) + 1 - torch.sigmoid(z)
+        elif loss_type == "discopop":
+            modulation = torch.sigmoid(z / args.discopop_tau)
+            loss = -F.logsigmoid(z) * (1 - modulation) + torch.exp(-z) * modulation
+        elif loss_type == "sigmoid_norm":
+            loss = -F.logsigmoid(r_c / n_c - r_r / n_r)
+        else:  # MOCConfig only admits PAIR_LOSS_TYPES
+            raise ValueError(f"loss_type {loss_type!r} has no per-pair form")
+        total = total + weight * loss
+    return total
+
+
+def moc_losses(
+    pair_loss: torch.Tensor,
+    preferences: torch.Tensor,
+    objective_ids: torch.Tensor,
+    has_pairs: torch.Tensor,
 ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
     """Per-objective losses `L_i` (objectives with weighted pairs in the batch) and their linear coefficients
     (each objective's share of the batch's weight), as in the `MOCTrainer` docstring.
 
-    `delta`: (B,) chosen-minus-rejected policy/reference log-ratio; `preferences`, `margin_diffs`: (B, n);
-    `objective_ids`: (B,) the objective labelling each pair; `has_pairs`: (n,) bool.
+    `pair_loss`: (B,) each pair's loss `l_b`; `preferences`: (B, n); `objective_ids`: (B,) the objective labelling
+    each pair; `has_pairs`: (n,) bool.
     """
     data_mass = preferences[:, has_pairs].sum(dim=1)
     own = preferences.gather(1, objective_ids[:, None]).squeeze(1)
     share = torch.where(data_mass > 0, own / data_mass.clamp(min=1e-12), 1.0 / int(has_pairs.sum()))
-    t = data_mass.clamp(min=MIN_DATA_WEIGHT)
-    z = (beta * delta - (preferences * margin_diffs).sum(dim=1)) / t
-    pair_loss, weight = -F.logsigmoid(z), share * t
+    weight = share * data_mass.clamp(min=MIN_DATA_WEIGHT)
     losses, mass = {}, {}
     for i in objective_ids.unique().tolist():
         rows = objective_ids == i
@@ -356,6 +473,20 @@ class PreferenceCollator:
         return batch
 
 
+def _draw_preferences(args: MOCConfig, num: int, seed: int) -> np.ndarray:
+    """`num` preferences drawn as `args` says (`MOCConfig.preference_sampling`), reproducibly from `seed`."""
+    return sample_preferences(
+        num,
+        len(args.objective_names),
+        method=args.preference_sampling,
+        dirichlet_alpha=args.dirichlet_alpha,
+        grid_steps=args.grid_steps,
+        heldout=args.heldout_preferences,
+        heldout_radius=args.heldout_radius,
+        seed=seed,
+    )
+
+
 def objective_pairs(datasets: Mapping[str, Dataset]) -> Dataset:
     """`{objective name: its preference pairs}` -> one data set with an `objective` column, for `MOCTrainer`.
 
@@ -364,7 +495,7 @@ def objective_pairs(datasets: Mapping[str, Dataset]) -> Dataset:
     if not datasets:
         raise ValueError("objective_pairs needs at least one {objective name: pairs} entry")
     for name, pairs in datasets.items():
-        _check_dataset(pairs, f"the pairs of {name!r}", columns=REQUIRED_COLUMNS[:3])
+        _check_dataset(pairs, f"the pairs of {name!r}", columns=("prompt", "chosen", "rejected"))
     shared = set.intersection(*(set(d.column_names) for d in datasets.values())) - {OBJECTIVE}
     parts = []
     for name, pairs in datasets.items():
@@ -381,8 +512,12 @@ def objective_pairs(datasets: Mapping[str, Dataset]) -> Dataset:
 def _check_dataset(dataset: Any, field_name: str, columns: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
     if dataset is None:
         raise ValueError(f"{field_name} is required")
+    if isinstance(dataset, IterableDataset):  # a stream is checked as its rows arrive
+        return
     if not isinstance(dataset, Dataset):
-        raise TypeError(f"{field_name} must be a datasets.Dataset, got {type(dataset).__name__}")
+        raise TypeError(
+            f"{field_name} must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}"
+        )
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         hint = " (the objective that labelled each pair; objective_pairs({name: pairs}) adds it)"

@@ -5,16 +5,14 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..conditioning.preference import check_preference
-from .margins import MARGIN_NORMALIZATIONS
-
-# Loss types that only see the chosen-minus-rejected reward difference, so MODPO's margin folds into it.
-MODPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "sft")
+from .margins import check_margin_fields
 
 
 @dataclass
 class MODPOConfig(DPOConfig):
     r"""
-    Configuration class for the [`MODPOTrainer`]: every [`~trl.DPOConfig`] field plus the ones below.
+    Configuration class for the [`MODPOTrainer`]: every [`~trl.DPOConfig`] field plus the ones below. With the default
+    `weights=[1.0]` and no margin rewards, `MODPOTrainer` trains exactly as `DPOTrainer` with the same fields.
 
     MODPO (Zhou et al., 2023, arXiv:2310.03708) trains on the preference pairs of one *target* objective while
     frozen rewards of the other objectives enter the loss as a margin:
@@ -22,8 +20,14 @@ class MODPOConfig(DPOConfig):
         h(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) - sum_{j>=1} weights[j] * r_j(x, y)
         loss    = -log sigmoid((h(x, y_w) - h(x, y_l)) / weights[0])
 
+    Every TRL `loss_type` (and list of them with `loss_weights`) applies: TRL's implicit rewards
+    `beta * log(pi / pi_ref)` become MODPO's margin-adjusted rewards `h / weights[0]`. MODPO's theorem covers
+    `"sigmoid"`; `docs/modpo.md` says what the margin means for the others. The margin enters centred on each pair,
+    `w . (r(y) - (r(y_w) + r(y_l)) / 2)`: a reward is only defined up to an offset, which losses of the reward
+    difference never see and the others should not.
+
     Parameters:
-        weights (`list[float]`):
+        weights (`list[float]`, *optional*, defaults to `[1.0]`):
             The weighting `w` on the simplex. `weights[0]` belongs to the target objective (the pairs being trained
             on), `weights[1:]` to the margin rewards, in the order of the trainer's `margin_rewards`. Every value must
             be finite and `>= 0`, `weights[0] > 0` (it divides the loss) and the values must sum to 1 (within 1e-6):
@@ -32,35 +36,47 @@ class MODPOConfig(DPOConfig):
         objective_names (`list[str]`, *optional*):
             One name per objective, in the order of `weights`, used in logged metrics (`margin/<name>`). Defaults to
             `"target"` followed by the names of the margin reward sources.
+        margin_scoring (`str`, *optional*, defaults to `"precompute"`):
+            `"precompute"`: margin rewards are scored once per map-style data set before training (and cached, see
+            `use_score_cache`); a streaming `IterableDataset` cannot be scored ahead and is scored per batch.
+            `"per_batch"`: every batch is scored inside the training (or evaluation) step and nothing is cached, for
+            rewards that must be evaluated afresh each time a pair is seen (stochastic rewards, APIs).
         margin_normalization (`str`, *optional*, defaults to `"none"`):
             `"none"` uses each margin reward on its raw scale, as the MODPO paper does. `"zscore"` divides each
             objective's reward by its standard deviation over the training set (both responses), so that `w`
-            compares objectives of different scales; the shift cancels in the chosen-minus-rejected difference.
+            compares objectives of different scales; it needs the training set scored ahead (`"precompute"`, a
+            map-style `train_dataset`).
         margin_batch_size (`int`, *optional*):
-            Batch size for scoring margin rewards before training. Defaults to `per_device_eval_batch_size`.
+            Batch size for scoring margin rewards. Defaults to `per_device_eval_batch_size`.
         use_score_cache (`bool`, *optional*, defaults to `True`):
-            Whether to store margin rewards and (with `precompute_ref_log_probs=True`) reference log-probs in a
-            content-addressed cache, so every run of a sweep over weightings scores the data once.
+            Whether to store margin rewards scored ahead and (with `precompute_ref_log_probs=True`) reference
+            log-probs in a content-addressed cache, so every run of a sweep over weightings scores the data once.
+            Sources that are not worth caching (`ColumnReward`) are never cached.
         score_cache_dir (`str`, *optional*):
             Where the cache lives. Defaults to `$MODPO_TRL_CACHE`, else `~/.cache/modpo_trl`.
 
-    Supported `loss_type` values are those that act on the reward difference only: `"sigmoid"` (MODPO's loss),
-    `"hinge"`, `"ipo"` (TRL length-normalises its log-ratios, and so the margin too), `"robust"`, `"exo_pair"`, and
-    `"sft"` in combination. `f_divergence_type` must be `"reverse_kl"`.
+    With margins (a non-zero `weights[1:]`), `f_divergence_type` must be `"reverse_kl"` and `loss_type` must use the
+    implicit rewards (not `["sft"]` alone); both are checked here, with the reason.
 
     Logged metrics: TRL's DPO metrics, where `rewards/*` are MODPO's margin-adjusted rewards `h / weights[0]` (as in
     the reference implementation), plus `margin/<name>`: the mean chosen-minus-rejected difference of each margin
-    reward (after normalisation).
+    reward (after normalisation) over the pairs it applies to.
     """
 
-    weights: list[float] | None = field(
-        default=None,
+    weights: list[float] = field(
+        default_factory=lambda: [1.0],
         metadata={
             "help": "Weighting on the simplex: weights[0] for the target objective, weights[1:] for margins."
         },
     )
     objective_names: list[str] | None = field(
         default=None, metadata={"help": "Names of the objectives, in the order of `weights`."}
+    )
+    margin_scoring: str = field(
+        default="precompute",
+        metadata={
+            "help": "When margin rewards are scored: 'precompute' (once, cached) or 'per_batch' (each step)."
+        },
     )
     margin_normalization: str = field(
         default="none", metadata={"help": "How margin rewards are scaled: 'none' (raw) or 'zscore'."}
@@ -86,20 +102,21 @@ class MODPOConfig(DPOConfig):
                 f"objective_names has {len(self.objective_names)} entries {self.objective_names} but weights has "
                 f"{len(self.weights)}; give one name per weight"
             )
-        if self.margin_normalization not in MARGIN_NORMALIZATIONS:
-            raise ValueError(
-                f"margin_normalization={self.margin_normalization!r} is not valid; valid: {list(MARGIN_NORMALIZATIONS)}"
-            )
-        unsupported = [t for t in self.loss_type if t not in MODPO_LOSS_TYPES]
-        if unsupported or self.loss_type == ["sft"]:
-            raise ValueError(
-                f"loss_type={self.loss_type} is not supported by MODPO; valid: {list(MODPO_LOSS_TYPES)} "
-                "(the margin is folded into the chosen-minus-rejected reward difference, and 'sft' needs a partner)"
-            )
-        if self.f_divergence_type != "reverse_kl":
-            raise ValueError(
-                f"f_divergence_type={self.f_divergence_type!r} is not supported by MODPO; valid: ['reverse_kl']"
-            )
+        check_margin_fields(self)
+        if any(w > 0 for w in self.weights[1:]):
+            if self.f_divergence_type != "reverse_kl":
+                raise ValueError(
+                    f"f_divergence_type={self.f_divergence_type!r} cannot be used with margin rewards "
+                    f"(weights={self.weights}): the margin enters TRL's loss as a shift of the reference log-probs, "
+                    "which only the reverse KL turns into MODPO's shift of the implicit rewards (f' of a shifted "
+                    "ratio is not f' minus the margin); valid with margins: ['reverse_kl']"
+                )
+            if set(self.loss_type) == {"sft"}:
+                raise ValueError(
+                    f"loss_type={self.loss_type} does not use the implicit rewards, so margin rewards "
+                    f"(weights={self.weights}) would have no effect; add a preference loss (e.g. ['sigmoid', 'sft']) "
+                    "or train without margins (weights=[1.0])"
+                )
 
 
 def check_weights(weights: list[float] | None, field_name: str = "weights") -> list[float]:
