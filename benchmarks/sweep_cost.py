@@ -27,7 +27,7 @@ from modpo_trl import MODPOConfig, MODPOTrainer
 
 TARGETS = {"sweep_cached_vs_uncached": Target(0.6, "sweep wall time cached/uncached <= 0.6 at K=5")}
 
-for _method in ("_with_margins", "_precompute_ref_logps"):  # the sweep's scoring clock hooks these two
+for _method in ("_prepare_dataset", "_precompute_ref_logps"):  # the sweep's scoring clock hooks these two
     if not hasattr(MODPOTrainer, _method):
         raise ImportError(
             f"MODPOTrainer has no {_method}: update TimedMODPOTrainer in benchmarks/sweep_cost.py"
@@ -41,9 +41,18 @@ class TimedMODPOTrainer(MODPOTrainer):
         self.clock = {"margins_s": 0.0, "ref_logps_s": 0.0}
         super().__init__(*args, **kwargs)
 
-    def _with_margins(self, *args, **kwargs):
-        with clocked(self.clock, "margins_s"):
-            return super()._with_margins(*args, **kwargs)
+    def _prepare_dataset(self, *args, **kwargs):
+        # Margins are scored while TRL prepares each data set: clock the scorer's part of it.
+        margins = self._margins
+        if margins is not None and "add" not in vars(margins):
+            add = margins.add
+
+            def timed_add(*a, **k):
+                with clocked(self.clock, "margins_s"):
+                    return add(*a, **k)
+
+            margins.add = timed_add
+        return super()._prepare_dataset(*args, **kwargs)
 
     def _precompute_ref_logps(self, *args, **kwargs):
         with clocked(self.clock, "ref_logps_s"):
