@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from .runs.engine import execute, make_plan, print_plan
+from .runs.memory import memory_lines
 from .runs.methods import method_of
 from .runs.recipe import RecipeError, is_user_error, load_recipe, resolved_yaml
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(recipe, method_of(recipe), dry_run=args.dry_run)
         if args.dry_run:
             print(f"# {args.recipe}, resolved\n{resolved_yaml(recipe)}")
+            print("\n".join(memory_lines(recipe, plan.runs[0].args)))
             print_plan(plan)
         else:
             execute(plan)

@@ -30,15 +30,15 @@ from .generators import TransformersGenerator, VLLMGenerator, lora_rank
 def generation_fingerprint(
     recipe: Recipe, candidate: Candidate, prompts: list, settings: SamplingSettings, backend: str
 ) -> str:
-    """Changes whenever the responses could: base model, adapter files, prompts as the model sees them,
-    sampling settings, backend."""
+    """Changes whenever the responses could: the base model and tokenizer (by content, or resolved hub
+    commit) and every `model:` setting (dtype, attention, quantisation), adapter files, prompts as the model
+    sees them, sampling settings, backend."""
     model = recipe.model
     return fingerprint(
         "generation",
         path_fingerprint(model.path),
-        model.tokenizer,
-        model.dtype,
-        model.load_in_4bit,
+        path_fingerprint(model.tokenizer) if model.tokenizer else None,
+        {k: v for k, v in asdict(model).items() if k not in ("path", "tokenizer")},
         asdict(settings),
         backend,
         prompts,

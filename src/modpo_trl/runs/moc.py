@@ -31,6 +31,7 @@ COLUMNS = ["prompt", "chosen", "rejected", OBJECTIVE]
 
 class MOC(Method):
     name = "moc"
+    trainer_class = MOCTrainer
     has_target = False  # every objective with pairs is trained on
 
     def check(self, recipe: Recipe) -> None:
@@ -64,6 +65,18 @@ class MOC(Method):
             f"solver {args.moo_solver}",
             f"# training preferences: {sampling}, held out: {args.heldout_preferences or 'none'}{radius}",
             f"# evaluated at {len(labels)} preference(s): {', '.join(labels)}",
+        ]
+
+    def card_notes(self, recipe: Recipe, run: Run) -> list[str]:
+        names = recipe.objective_names
+        return [
+            f"One adapter for every weighting of {names}: state the weighting in each prompt, as in training:",
+            "",
+            "```python",
+            "from modpo_trl.conditioning.preference import condition_prompt",
+            "",
+            f"prompt = condition_prompt(prompt, w={[round(1 / len(names), 2)] * len(names)}, objective_names={names})",
+            "```",
         ]
 
     def prepare(self, recipe: Recipe) -> Prepared:
