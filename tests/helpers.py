@@ -1,7 +1,9 @@
-"""What several test modules do: train a recipe through the run engine, ask its method for its candidates."""
+"""What several test modules do: train a recipe through the run engine, ask its method for its candidates, save
+the tiny models the tiny recipe (tests/data/tiny_modpo.yaml) trains with."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from modpo_trl.evaluation.candidates import method_candidates
@@ -9,6 +11,11 @@ from modpo_trl.runs.engine import execute, make_plan, print_plan
 from modpo_trl.runs.method import Candidate
 from modpo_trl.runs.methods import method_of
 from modpo_trl.runs.recipe import Recipe
+from modpo_trl.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "tiny_modpo.yaml"
+PAIRS = REPO / "tests" / "data" / "tiny_pairs.jsonl"
 
 
 def train_recipe(recipe: Recipe, dry_run: bool = False) -> dict[str, Any] | None:
@@ -23,3 +30,23 @@ def train_recipe(recipe: Recipe, dry_run: bool = False) -> dict[str, Any] | None
 def candidates_of(recipe: Recipe) -> list[Candidate]:
     """The recipe's method's evaluation candidates from its run directory."""
     return method_candidates(recipe, recipe.run_dir)[0]
+
+
+def save_tiny_models(root: Path) -> Path:
+    """A tiny random policy (`root/policy`) and reward model (`root/rm`) saved with their tokenizer."""
+    tokenizer = tiny_tokenizer()
+    for name, model in [("policy", tiny_causal_lm(tokenizer)), ("rm", tiny_reward_model(tokenizer, seed=1))]:
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def tiny_overrides(models: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny recipe's overrides for models saved by `save_tiny_models` and the output folder `out`."""
+    return [
+        f"model.path={models / 'policy'}",
+        f"objectives.0.data.path={PAIRS}",
+        f"objectives.1.reward.path={models / 'rm'}",
+        f"output_dir={out}",
+        *extra,
+    ]

@@ -326,7 +326,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         try:
             _set(merged, key, value)
         except OmegaConfBaseException as e:
-            raise RecipeError(f"override {override!r}: {_explain(e, path, key)}") from None
+            raise RecipeError(_explain(e, f"override {override!r}", key)) from None
     try:
         recipe: Recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -401,7 +401,8 @@ def _with_recipe_names(content: dict[str, Any], source: str) -> dict[str, Any]:
     return content
 
 
-def _explain(error: OmegaConfBaseException, path: Path, key: str | None = None) -> str:
+def _explain(error: OmegaConfBaseException, where: str | Path, key: str | None = None) -> str:
+    """The error as one line for `where` (the recipe file, or an override), naming the key and what is valid."""
     key = getattr(error, "full_key", None) or key or "?"
     message = str(error).splitlines()[0]
     if "Key '" in message and "not in" in message:
@@ -411,11 +412,11 @@ def _explain(error: OmegaConfBaseException, path: Path, key: str | None = None) 
         leaf = key.rsplit(".", 1)[-1]
         hint = difflib.get_close_matches(leaf, valid, n=1)
         return (
-            f"{path}: unknown key '{key}'"
+            f"{where}: unknown key '{key}'"
             + (f" (did you mean '{hint[0]}'?)" if hint else "")
             + (f"; valid keys here: {valid}" if valid else "")
         )
-    return f"{path}: invalid value for '{key}': {message}"
+    return f"{where}: invalid value for '{key}': {message}"
 
 
 def _schema_node(dotted: str):
