@@ -2,6 +2,7 @@
 
 import importlib
 import logging
+import warnings
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,8 @@ class _CpuKernelNotice(logging.Filter):
 
 for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
     logging.getLogger(_name).addFilter(_CpuKernelNotice())
+# peft and TRL still call transformers' deprecated `is_gradient_checkpointing` whenever they wrap a model.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Lazy exports: `import modpo_trl.evaluation.pareto` (or the CLI's --help) should not pay for importing TRL.
 _EXPORTS = {
