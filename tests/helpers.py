@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
 from modpo_trl.evaluation.candidates import method_candidates
+from modpo_trl.runs import models
 from modpo_trl.runs.engine import execute, make_plan, print_plan
 from modpo_trl.runs.method import Candidate
 from modpo_trl.runs.methods import method_of
@@ -50,3 +54,20 @@ def tiny_overrides(models: Path, out: Path, *extra: str) -> list[str]:
         f"output_dir={out}",
         *extra,
     ]
+
+
+def fake_quantised_loading(monkeypatch) -> dict[str, Any]:
+    """CUDA faked as available, `from_pretrained` and `prepare_model_for_kbit_training` recording their arguments
+    (into the returned dict: `path`, the keyword arguments, `prepared`) and returning a tiny model."""
+    seen: dict[str, Any] = {}
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.update(path=path, **kwargs)
+        return tiny_causal_lm(tiny_tokenizer())
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(
+        models, "prepare_model_for_kbit_training", lambda model, **kw: seen.update(prepared=kw) or model
+    )
+    return seen

@@ -14,6 +14,8 @@ from modpo_trl.runs import models
 from modpo_trl.runs.recipe import RecipeError, load_recipe
 from modpo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
+from ..helpers import fake_quantised_loading
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "data" / "tiny_modpo.yaml"
 
@@ -80,18 +82,8 @@ def test_quantisation_is_trls(overrides, expected):
     assert models.quantization_config(load()) is None
 
 
-def test_8_bit_and_revision_loading_arguments(monkeypatch, tmp_path):
-    seen = {}
-
-    def fake_from_pretrained(path, **kwargs):
-        seen.update(path=path, **kwargs)
-        return tiny_causal_lm(tiny_tokenizer())
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
-    monkeypatch.setattr(
-        models, "prepare_model_for_kbit_training", lambda m, **kw: seen.update(prepared=kw) or m
-    )
+def test_8_bit_and_revision_loading_arguments(monkeypatch):
+    seen = fake_quantised_loading(monkeypatch)
     monkeypatch.setattr(
         models, "load_tokenizer", lambda path, revision=None: seen.update(tok=(path, revision))
     )

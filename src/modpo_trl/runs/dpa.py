@@ -23,7 +23,7 @@ from ..trainers.dpa_trainer import ADAPTER_DIR, DATA_FILE, DPATrainer
 from ..trainers.logs import LOG_OUTPUTS, keep_logs
 from .data import load_prompts
 from .engine import conditioned_run, is_done
-from .method import Candidate, Method, Prepared, Run, Trained
+from .method import Candidate, Method, Prepared, Run, Trained, usage_notes
 from .models import check_loadable, load_policy, lora_config
 from .recipe import Recipe, RecipeError
 from .rewards import ready_reward, train_reward_model_if_needed
@@ -82,16 +82,12 @@ class DPA(Method):
 
     def card_notes(self, recipe: Recipe, run: Run) -> list[str]:
         names = recipe.objective_names
-        return [
+        return usage_notes(
             f"One adapter for every direction v over {names}: state v in the system prompt, as in training:",
-            "",
-            "```python",
             "from modpo_trl.conditioning.directions import condition_prompt",
-            "",
             f"prompt = condition_prompt(prompt, v={[round(1 / len(names) ** 0.5, 4)] * len(names)}, "
             f"attribute_names={names}, system_prompt={run.args.system_prompt!r})",
-            "```",
-        ]
+        )
 
     def prepare(self, recipe: Recipe) -> Prepared:
         reward = build_reward_vector(recipe)

@@ -151,6 +151,11 @@ class Method(ABC):
         """The models to evaluate, from the finished runs' manifest `entries` (tag -> entry)."""
 
 
+def usage_notes(intro: str, import_line: str, call: str) -> list[str]:
+    """Model card lines: `intro`, then a Python snippet (`import_line`, a blank line, `call`)."""
+    return [intro, "", "```python", import_line, "", call, "```"]
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """`checkpoint-<step>` folders of `folder`, oldest first, that were completely written.
 

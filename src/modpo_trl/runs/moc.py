@@ -20,7 +20,7 @@ from ..trainers.moc_config import MOCConfig
 from ..trainers.moc_trainer import OBJECTIVE, MOCTrainer, objective_pairs
 from .data import load_preference_data
 from .engine import conditioned_run, is_done, on_disk
-from .method import Candidate, Method, Prepared, Run, Trained
+from .method import Candidate, Method, Prepared, Run, Trained, usage_notes
 from .modpo import fit
 from .recipe import Recipe, RecipeError, weight_tag
 from .rewards import ready_reward
@@ -69,15 +69,11 @@ class MOC(Method):
 
     def card_notes(self, recipe: Recipe, run: Run) -> list[str]:
         names = recipe.objective_names
-        return [
+        return usage_notes(
             f"One adapter for every weighting of {names}: state the weighting in each prompt, as in training:",
-            "",
-            "```python",
             "from modpo_trl.conditioning.preference import condition_prompt",
-            "",
             f"prompt = condition_prompt(prompt, w={[round(1 / len(names), 2)] * len(names)}, objective_names={names})",
-            "```",
-        ]
+        )
 
     def prepare(self, recipe: Recipe) -> Prepared:
         train, evals, margins = _load_data(recipe)
