@@ -127,9 +127,7 @@ class DPA(Method):
                     (folder / "iterations").mkdir(exist_ok=True)
                     shutil.copy2(data, folder / "iterations" / f"iter-{k}.jsonl")
                     # each iteration's SFT log history and TensorBoard runs: iterations/iter-<k>/
-                    keep_logs(
-                        trainer.iteration_dir(k) / ADAPTER_DIR, folder / "iterations" / f"iter-{k}", copy=True
-                    )
+                    keep_logs(trainer.iteration_dir(k) / ADAPTER_DIR, folder / "iterations" / f"iter-{k}")
 
         return Trained(save, {f"iter-{s['iteration']}": s for s in result["iterations"]})
 

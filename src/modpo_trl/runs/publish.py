@@ -4,7 +4,7 @@ Each finished adapter folder (`<run_dir>/<tag>/`) gets, before the engine gives 
 - TRL's model card for its method (`generate_model_card` with the trainer's `_name`, `_paper` and `_tag_names`:
   paper, citation, tags) with peft's adapter metadata, plus the weighting, objectives, base model and the
   recipe excerpt that made it;
-- its training logs, moved out of the run's work folder (which the engine deletes): `trainer_state.json` (the
+- its training logs, copied from the run's work folder (which the engine then deletes): `trainer_state.json` (the
   log history), TensorBoard's `runs/` and CodeCarbon's `emissions.csv` (`modpo_trl.trainers.logs`);
 - with `training.push_to_hub: true`, a push to its own Hub repo `<hub_model_id>-<tag>` (`hub_model_id` defaults
   to the recipe's `run_name`, in the token's namespace). One repo per adapter, rather than one repo with a folder

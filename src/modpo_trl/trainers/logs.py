@@ -12,8 +12,9 @@ from pathlib import Path
 LOG_OUTPUTS = ("trainer_state.json", "runs", "emissions.csv")
 
 
-def keep_logs(output_dir: str | Path, folder: str | Path, copy: bool = False) -> list[str]:
-    """Moves (or copies) the `LOG_OUTPUTS` found in `output_dir` into `folder`; returns their names.
+def keep_logs(output_dir: str | Path, folder: str | Path) -> list[str]:
+    """Copies the `LOG_OUTPUTS` found in `output_dir` into `folder`; returns their names. Copies, not moves: until
+    `folder` is complete, a run killed meanwhile resumes from `output_dir` with its logs still there.
 
     A `runs/` folder already in `folder` gains the new runs (TensorBoard shows each as its own run).
     """
@@ -26,11 +27,7 @@ def keep_logs(output_dir: str | Path, folder: str | Path, copy: bool = False) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True)
-            if not copy:
-                shutil.rmtree(source)
-        elif copy:
-            shutil.copy2(source, target)
         else:
-            shutil.move(source, target)
+            shutil.copy2(source, target)
         kept.append(name)
     return kept
