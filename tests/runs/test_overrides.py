@@ -237,6 +237,9 @@ def test_the_trainer_config_never_pushes_and_pins_memory_only_for_a_gpu(monkeypa
     args = make_plan(recipe, method_of(recipe), dry_run=True).runs[0].args
     assert args.push_to_hub is False and args.hub_model_id == "me/tiny"  # the engine pushes (runs.publish)
     assert args.dataloader_pin_memory is False  # no GPU here (and use_cpu)
+    recipe = load("training.use_cpu=false")  # as the quickstart recipes: a GPU when there is one
+    args = make_plan(recipe, method_of(recipe)).runs[0].args
+    assert args.dataloader_pin_memory is False  # TrainingArguments' True would make torch warn on CPU
     assert args.activation_checkpointing is False  # the recipe's own setting
     written = tmp_path / "default_checkpointing.yaml"
     written.write_text(TINY.read_text().replace("  activation_checkpointing: false\n", ""))
