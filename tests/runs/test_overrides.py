@@ -12,7 +12,7 @@ import trl
 from omegaconf import OmegaConf
 
 from modpo_trl.runs import data as data_module
-from modpo_trl.runs import method as method_module
+from modpo_trl.runs import publish
 from modpo_trl.runs.engine import make_plan
 from modpo_trl.runs.methods import method_of
 from modpo_trl.runs.recipe import TRL_NAMES, LoraSettings, ModelConfig, RecipeError, load_recipe
@@ -225,7 +225,7 @@ def test_the_dry_run_rejects_what_the_trainer_would(method, overrides, message, 
 
 
 def test_installed_report_to_integrations_pass(monkeypatch):
-    monkeypatch.setattr(method_module, "get_available_reporting_integrations", lambda: ["wandb"])
+    monkeypatch.setattr(publish, "get_available_reporting_integrations", lambda: ["wandb"])
     recipe = load("training.report_to=wandb")
     assert make_plan(recipe, method_of(recipe), dry_run=True).runs[0].args.report_to == ["wandb"]
 
@@ -248,3 +248,11 @@ def test_the_trainer_config_never_pushes_and_pins_memory_only_for_a_gpu(monkeypa
         warnings.simplefilter("error", FutureWarning)  # TRL's default under transformers' deprecated name
         args = make_plan(recipe, method_of(recipe), dry_run=True).runs[0].args
     assert args.activation_checkpointing is True  # TRL's default, under its current name
+
+
+def test_report_to_is_checked_for_training_not_for_reading_a_run(monkeypatch):
+    """Evaluating a run (its method's `runs`, e.g. DPA's candidates) on a machine without its logger works."""
+    recipe = load("training.report_to=wandb")
+    assert method_of(recipe).runs(recipe, dry_run=True)[0].args.report_to == ["wandb"]
+    with pytest.raises(RecipeError, match="training.report_to='wandb'"):
+        make_plan(recipe, method_of(recipe), dry_run=True)

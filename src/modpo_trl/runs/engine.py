@@ -40,7 +40,7 @@ from ..rewards.cache import fingerprint
 from ..storage import write_atomic
 from .method import Method, Prepared, Run, trainer_config
 from .models import check_policy
-from .publish import check_publishing, finish_adapter
+from .publish import check_outputs, finish_adapter
 from .recipe import TRAINED_SECTIONS, Recipe, RecipeError, as_dict, resolved_yaml
 
 MANIFEST = "manifest.json"
@@ -93,7 +93,7 @@ def make_plan(recipe: Recipe, method: Method, dry_run: bool = False) -> Plan:
     """Resolves `recipe` for `method`: every check that needs no model or data runs here."""
     method.check(recipe)
     runs = method.runs(recipe, dry_run=dry_run)
-    check_publishing(recipe, [run.tag for run in runs])
+    check_outputs(recipe, runs)
     index = recipe.sweep.index
     if index is not None and not 0 <= index < len(runs):
         raise RecipeError(f"sweep.index={index} is out of range; valid: 0..{len(runs) - 1}")

@@ -17,11 +17,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from transformers.integrations import (
-    INTEGRATION_TO_CALLBACK,
-    get_available_reporting_integrations,
-    is_flytekit_available,
-)
 
 from .recipe import Recipe, RecipeError
 
@@ -193,7 +188,6 @@ def trainer_config(config_class: type, recipe: Recipe, dry_run: bool, **fields: 
         args = config_class(**training, **fields)
     except (TypeError, ValueError) as e:
         raise RecipeError(_naming_key(str(e), config_class, training, recipe.training, fields)) from e
-    check_report_to(args.report_to)
     return args
 
 
@@ -211,19 +205,3 @@ def _naming_key(
             return f"training.{message}"
         return f"training.{key}={training[key]!r}: {message}"
     return f"training: {message}"
-
-
-def check_report_to(report_to: list[str]) -> None:
-    """The `report_to` integrations exist and are installed, as `Trainer` requires when it starts."""
-    available = get_available_reporting_integrations()
-    if is_flytekit_available():  # the one integration transformers' list leaves out
-        available.append("flyte")
-    for name in report_to:
-        if name not in INTEGRATION_TO_CALLBACK:
-            valid = ["all", "none", *sorted(INTEGRATION_TO_CALLBACK)]
-            raise RecipeError(f"training.report_to={name!r} is not valid; valid: {valid}")
-        if name not in available:
-            raise RecipeError(
-                f"training.report_to={name!r}: its package is not installed here (installed integrations: "
-                f"{available or 'none'}); install it (e.g. `pip install {name}`) or choose another"
-            )

@@ -23,6 +23,11 @@ from huggingface_hub import HfApi, ModelCard, get_token
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from transformers.integrations import (
+    INTEGRATION_TO_CALLBACK,
+    get_available_reporting_integrations,
+    is_flytekit_available,
+)
 from trl.trainer.utils import generate_model_card, get_comet_experiment_url, get_trackio_space_url
 
 from ..trainers.logs import keep_logs
@@ -37,6 +42,29 @@ CHECKPOINT_STRATEGIES = ("checkpoint", "all_checkpoints")
 def hub_repo_id(recipe: Recipe, tag: str) -> str:
     """`<hub_model_id>-<tag>`, e.g. `me/safety-modpo-w-0.30-0.70`."""
     return f"{recipe.training.get('hub_model_id') or recipe.run_name}-{tag}"
+
+
+def check_outputs(recipe: Recipe, runs: list[Run]) -> None:
+    """Where the runs' outputs go, checked before training: the `report_to` integrations, and the Hub push."""
+    for report_to in {tuple(getattr(run.args, "report_to", None) or ()) for run in runs}:
+        check_report_to(list(report_to))
+    check_publishing(recipe, [run.tag for run in runs])
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """The `report_to` integrations exist and are installed, as `Trainer` requires when it starts."""
+    available = get_available_reporting_integrations()
+    if is_flytekit_available():  # the one integration transformers' list leaves out
+        available.append("flyte")
+    for name in report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            valid = ["all", "none", *sorted(INTEGRATION_TO_CALLBACK)]
+            raise RecipeError(f"training.report_to={name!r} is not valid; valid: {valid}")
+        if name not in available:
+            raise RecipeError(
+                f"training.report_to={name!r}: its package is not installed here (installed integrations: "
+                f"{available or 'none'}); install it (e.g. `pip install {name}`) or choose another"
+            )
 
 
 def check_publishing(recipe: Recipe, tags: list[str]) -> None:
