@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the recipe, print it resolved and list the runs with their status; load no model or data",
+        help="validate the recipe and every trainer config, print it resolved, the estimated peak memory and the "
+        "runs with their status; load no model or data",
     )
     return parser
 

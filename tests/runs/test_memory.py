@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import transformers
-from transformers import LlamaConfig
+from transformers import LlamaConfig, T5Config
 
 from modpo_trl.runs.engine import make_plan
 from modpo_trl.runs.memory import estimate_memory, memory_lines, optimizer_bytes, policy_config
@@ -110,3 +110,11 @@ def test_a_hub_id_not_in_the_local_cache_cannot_be_estimated(tiny_config):
         "# peak memory per process: cannot estimate: no config.json for model.path='org/not-downloaded' here "
         "(OSError); the dry run downloads nothing"
     ]
+
+
+def test_an_architecture_it_cannot_read_is_said_not_raised(tiny_config, tmp_path):
+    recipe, args, _ = plan_for(tiny_config)
+    T5Config().save_pretrained(tmp_path / "t5")  # not a causal LM
+    recipe.model.path = str(tmp_path / "t5")
+    (line,) = memory_lines(recipe, args)
+    assert line.startswith("# peak memory per process: cannot estimate for T5Config: ValueError: ")

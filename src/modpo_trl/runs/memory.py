@@ -169,7 +169,18 @@ def memory_lines(recipe: Recipe, args: Any) -> list[str]:
         config = policy_config(recipe)
     except OSError as e:
         return [f"# peak memory per process: cannot estimate: {e}; the dry run downloads nothing"]
-    m = estimate_memory(recipe, args, config)
+    try:
+        m = estimate_memory(recipe, args, config)
+    except (
+        AttributeError,
+        ImportError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as e:  # an architecture it cannot read
+        return [
+            f"# peak memory per process: cannot estimate for {type(config).__name__}: {type(e).__name__}: {e}"
+        ]
     quantised = "4-bit" if recipe.model.load_in_4bit else "8-bit" if recipe.model.load_in_8bit else None
     lines = [
         "# peak memory per process, estimated from the policy's config.json (nothing loaded):",
