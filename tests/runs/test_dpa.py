@@ -111,7 +111,7 @@ def test_recipe_reward_layout_errors(tmp_path, tokenizer):
     recipe.objectives[1].reward = RewardConfig(type="columns", chosen_column="a", rejected_column="b")
     with pytest.raises(RecipeError, match=r"objectives\[1\] \(cats\).reward.type=columns cannot score"):
         train_recipe(recipe, dry_run=True)
-    with pytest.raises(RecipeError, match="training: num_samples=0 must be an integer >= 1"):
+    with pytest.raises(RecipeError, match="training.num_samples=0 must be an integer >= 1"):
         train_recipe(tiny_recipe(tmp_path, tokenizer, num_samples=0), dry_run=True)
     bad_rm = tiny_recipe(tmp_path, tokenizer)
     rm_dir = tmp_path / "rm3"

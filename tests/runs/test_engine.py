@@ -27,7 +27,7 @@ from modpo_trl.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 from modpo_trl.train import main
 from modpo_trl.trainers.modpo_trainer import MODPOTrainer
 
-from ..helpers import train_recipe
+from ..helpers import fake_quantised_loading, train_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "data" / "tiny_modpo.yaml"
@@ -422,17 +422,7 @@ def test_qlora_without_cuda_fails_before_loading_anything(saved_models, tmp_path
 def test_qlora_loading_arguments(saved_models, tmp_path, monkeypatch):
     """With CUDA (faked here), 4-bit loading asks bitsandbytes for the recipe's NF4 settings on this process's
     GPU and prepares the model for k-bit training."""
-    seen = {}
-
-    def fake_from_pretrained(path, **kwargs):
-        seen.update(path=path, **kwargs)
-        return tiny_causal_lm(tiny_tokenizer())
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
-    monkeypatch.setattr(
-        models, "prepare_model_for_kbit_training", lambda model, **kw: seen.update(prepared=kw) or model
-    )
+    seen = fake_quantised_loading(monkeypatch)
     recipe = tiny_recipe(
         saved_models,
         tmp_path,

@@ -153,7 +153,7 @@ def test_recipe_errors(tok, tmp_path):
     recipe.objectives[1].reward = None
     with pytest.raises(RecipeError, match=r"objectives\[1\] \(short\) needs `data` .* or a `reward`"):
         train_recipe(recipe, dry_run=True)
-    with pytest.raises(RecipeError, match=r"training: moo_solver='adam' is not valid"):
+    with pytest.raises(RecipeError, match=r"training.moo_solver='adam' is not valid"):
         train_recipe(write_recipe(tmp_path, tok, moo_solver="adam"), dry_run=True)
     with pytest.raises(
         RecipeError, match=r"training.moo_sovler is not a MOCConfig field.*did you mean 'moo_solver'"

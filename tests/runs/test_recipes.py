@@ -107,6 +107,7 @@ def test_accelerate_configs_load(path):
     assert isinstance(config, ClusterConfig)
     expected = {
         "cpu.yaml": ("NO", 1, True),
+        "multi_cpu.yaml": ("MULTI_GPU", 2, True),
         "single_gpu.yaml": ("NO", 1, False),
         "multi_gpu.yaml": ("MULTI_GPU", 8, False),
         "deepspeed_zero2.yaml": ("DEEPSPEED", 8, False),

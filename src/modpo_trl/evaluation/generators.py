@@ -69,7 +69,7 @@ class TransformersGenerator:
 
     def __init__(self, recipe: Recipe, settings: SamplingSettings, device: str | torch.device | None = None):
         model, self.tokenizer = load_policy(recipe)
-        if not recipe.model.load_in_4bit:  # a 4-bit model is placed on its GPU when loaded
+        if not recipe.model.quantized:  # a quantised model is placed on its GPU when loaded
             model.to(device or PartialState().device)
         self.model = model.eval()
         self.settings = settings

@@ -14,13 +14,15 @@ sampling settings and scorer), so a re-run only generates or scores what changed
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..generation import SamplingSettings
 from ..rewards.cache import fingerprint
 from ..runs.data import load_prompts
 from ..runs.engine import MANIFEST
+from ..runs.method import Candidate
 from ..runs.recipe import Recipe, RecipeError, load_recipe
 from ..runs.rewards import build_reward
 from ..storage import write_atomic
@@ -95,11 +97,30 @@ def check_eval(recipe: Recipe) -> None:
         )
 
 
-def evaluate_sweep(
+@dataclass
+class EvaluationPlan:
+    """What an evaluation works on, resolved without loading a model: the candidates, the prompts each one sees,
+    and each candidate's cache entry (responses and scores found for its fingerprint, if any)."""
+
+    recipe: Recipe
+    run_dir: Path
+    settings: SamplingSettings
+    backend: str
+    sources: list
+    candidates: list[Candidate]
+    notes: list[str]
+    prompts: list
+    model_prompts: dict[str, list]
+    entries: dict[str, dict[str, Any]]
+
+    def todo(self) -> list[Candidate]:
+        return [c for c in self.candidates if not self.entries[c.key]["cached"]]
+
+
+def plan_evaluation(
     run_dir_or_recipe: str | Path | Recipe, overrides: list[str] | None = None, force: bool = False
-) -> dict[str, Any]:
-    """Generates, scores and compares every candidate of a sweep; writes `<sweep dir>/eval/` and returns the
-    content of results.json. `force` ignores the cached responses and scores."""
+) -> EvaluationPlan:
+    """Checks the recipe's `eval:` section, finds the candidates, loads the prompts and looks up the caches."""
     recipe, run_dir = resolve(run_dir_or_recipe, overrides)
     check_eval(recipe)
     settings = sampling_settings(recipe.eval)
@@ -109,23 +130,59 @@ def evaluate_sweep(
     prompts = load_prompts(recipe.eval.prompts, recipe.eval.num_prompts)
     if not prompts:
         raise RecipeError(f"eval.prompts: {recipe.eval.prompts.path!r} holds no prompts")
-    names = recipe.objective_names
-    eval_dir = run_dir / EVAL_DIR
-
     entries, model_prompts = {}, {}
     for candidate in candidates:
         model_prompts[candidate.key] = (
             [candidate.prompt_fn(p) for p in prompts] if candidate.prompt_fn else prompts
         )
         fp = generation_fingerprint(recipe, candidate, model_prompts[candidate.key], settings, backend)
-        entries[candidate.key] = cache_entry(candidate, fp, eval_dir, run_dir, force)
-    todo = [c for c in candidates if not entries[c.key]["cached"]]
+        entries[candidate.key] = cache_entry(candidate, fp, run_dir / EVAL_DIR, run_dir, force)
+    return EvaluationPlan(
+        recipe, run_dir, settings, backend, sources, candidates, notes, prompts, model_prompts, entries
+    )
+
+
+def plan_lines(plan: EvaluationPlan) -> list[str]:
+    """`python -m modpo_trl.evaluate --dry-run`: every candidate and whether its responses are cached."""
+    todo = plan.todo()
+    s = plan.settings
+    lines = [
+        f"# {plan.run_dir}: {len(plan.candidates)} candidate(s), {len(todo)} to generate, {len(plan.prompts)} "
+        f"prompt(s), backend {plan.backend}, max_new_tokens {s.max_new_tokens}, "
+        f"{'sampling' if s.do_sample else 'greedy'}, seed {s.seed}",
+        f"# scorers: {[source.name for source in plan.sources]}",
+    ]
+    rows = [("candidate", "model", "responses")]
+    for c in plan.candidates:
+        described = plan.entries[c.key]["candidate"]
+        model = (
+            " + ".join(f"{soup['coefficient']:.3g} {soup['adapter']}" for soup in described["soup"])
+            if described["soup"]
+            else described["adapter"] or "base model"
+        )
+        rows.append((c.key, model, "cached" if plan.entries[c.key]["cached"] else "generate"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return lines + [f"# note: {note}" for note in plan.notes]
+
+
+def evaluate_sweep(
+    run_dir_or_recipe: str | Path | Recipe, overrides: list[str] | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Generates, scores and compares every candidate of a sweep; writes `<sweep dir>/eval/` and returns the
+    content of results.json. `force` ignores the cached responses and scores."""
+    plan = plan_evaluation(run_dir_or_recipe, overrides, force)
+    recipe, run_dir, settings, backend = plan.recipe, plan.run_dir, plan.settings, plan.backend
+    candidates, notes, prompts, entries = plan.candidates, plan.notes, plan.prompts, plan.entries
+    names = recipe.objective_names
+    eval_dir = run_dir / EVAL_DIR
+    todo = plan.todo()
     print(
         f"{run_dir}: {len(candidates)} candidate(s), {len(todo)} to generate, {len(prompts)} prompt(s)",
         flush=True,
     )
-    generate_all(recipe, todo, model_prompts, settings, backend, entries)
-    score_all(sources, prompts, entries, recipe.eval.batch_size)
+    generate_all(recipe, todo, plan.model_prompts, settings, backend, entries)
+    score_all(plan.sources, prompts, entries, recipe.eval.batch_size)
 
     results = [candidate_result(c, entries[c.key], names, recipe, run_dir) for c in candidates]
     prompts_fp, generation = fingerprint(prompts), {**asdict(settings), "backend": backend}
@@ -170,6 +227,6 @@ def evaluate_sweep(
         }
     )
     write_atomic(files["csv"], csv_text(results, names))
-    write_atomic(files["samples"], samples_text(candidates, entries, prompts, model_prompts))
+    write_atomic(files["samples"], samples_text(candidates, entries, prompts, plan.model_prompts))
     write_atomic(files["results"], json.dumps(report, indent=2) + "\n")
     return report

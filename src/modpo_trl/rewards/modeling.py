@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import (
@@ -230,6 +231,7 @@ def train_reward_model(
         logging_steps=max(1, math.ceil(len(train_set) / batch_size * epochs / 20)),
         save_strategy="no",
         report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),  # only helps copies to a GPU; torch warns without one
         seed=seed,
         data_seed=seed,
     )

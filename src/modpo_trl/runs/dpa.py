@@ -20,9 +20,10 @@ from ..rewards.cache import path_fingerprint
 from ..rewards.vector import MultiObjectiveReward, StackedReward
 from ..trainers.dpa_config import DPAConfig, evaluation_angles
 from ..trainers.dpa_trainer import ADAPTER_DIR, DATA_FILE, DPATrainer
+from ..trainers.logs import LOG_OUTPUTS, keep_logs
 from .data import load_prompts
 from .engine import conditioned_run, is_done
-from .method import Candidate, Method, Prepared, Run, Trained
+from .method import Candidate, Method, Prepared, Run, Trained, usage_notes
 from .models import check_loadable, load_policy, lora_config
 from .recipe import Recipe, RecipeError
 from .rewards import ready_reward, train_reward_model_if_needed
@@ -32,6 +33,7 @@ TAG = "dpa"  # the run's manifest entry and adapter folder: <run_dir>/dpa/
 
 class DPA(Method):
     name = "dpa"
+    trainer_class = DPATrainer
     has_target = False  # every objective is an output of the reward
 
     def check(self, recipe: Recipe) -> None:
@@ -78,6 +80,15 @@ class DPA(Method):
         lines += [f"  iter-{row['iteration']}  {row['status']}" for row in iteration_status(runs[0])]
         return lines
 
+    def card_notes(self, recipe: Recipe, run: Run) -> list[str]:
+        names = recipe.objective_names
+        return usage_notes(
+            f"One adapter for every direction v over {names}: state v in the system prompt, as in training:",
+            "from modpo_trl.conditioning.directions import condition_prompt",
+            f"prompt = condition_prompt(prompt, v={[round(1 / len(names) ** 0.5, 4)] * len(names)}, "
+            f"attribute_names={names}, system_prompt={run.args.system_prompt!r})",
+        )
+
     def prepare(self, recipe: Recipe) -> Prepared:
         reward = build_reward_vector(recipe)
         _check_reward(reward, recipe)
@@ -110,11 +121,13 @@ class DPA(Method):
 
         def save(folder: Path) -> None:
             if PartialState().is_main_process:
-                shutil.copytree(result["adapter"], folder)
+                shutil.copytree(result["adapter"], folder, ignore=shutil.ignore_patterns(*LOG_OUTPUTS))
                 for k in range(1, run.args.iterations + 1):
                     data = trainer.iteration_dir(k) / DATA_FILE
                     (folder / "iterations").mkdir(exist_ok=True)
                     shutil.copy2(data, folder / "iterations" / f"iter-{k}.jsonl")
+                    # each iteration's SFT log history and TensorBoard runs: iterations/iter-<k>/
+                    keep_logs(trainer.iteration_dir(k) / ADAPTER_DIR, folder / "iterations" / f"iter-{k}")
 
         return Trained(save, {f"iter-{s['iteration']}": s for s in result["iterations"]})
 

@@ -42,11 +42,10 @@ from ..rewards.cache import fingerprint
 from ..storage import write_atomic
 from .method import Method, Prepared, Run, trainer_config
 from .models import check_policy
-from .recipe import Recipe, RecipeError, as_dict, resolved_yaml
+from .publish import check_outputs, finish_adapter
+from .recipe import TRAINED_SECTIONS, Recipe, RecipeError, as_dict, resolved_yaml
 
 MANIFEST = "manifest.json"
-# Sections that decide what an adapter is; `sweep`, `eval` and paths only say which/where.
-TRAINED_SECTIONS = ("method", "model", "lora", "objectives", "target", "training")
 
 
 class Manifest:
@@ -97,6 +96,7 @@ def make_plan(recipe: Recipe, method: Method, dry_run: bool = False, retrain_cha
     """Resolves `recipe` for `method`: every check that needs no model or data runs here."""
     method.check(recipe)
     runs = method.runs(recipe, dry_run=dry_run)
+    check_outputs(recipe, runs)
     index = recipe.sweep.index
     if index is not None and not 0 <= index < len(runs):
         raise RecipeError(f"sweep.index={index} is out of range; valid: 0..{len(runs) - 1}")
@@ -452,6 +452,7 @@ def _train_run(
         trained.save(partial_dir)  # every process: DeepSpeed ZeRO-3 / FSDP gather the weights
         state.wait_for_everyone()
         if state.is_main_process:
+            finish_adapter(partial_dir, plan.recipe, plan.method, run, trained)
             if final_dir.exists():  # a stale folder without a `done` status (e.g. copied, or a crash)
                 shutil.rmtree(final_dir)
             os.replace(partial_dir, final_dir)

@@ -8,12 +8,15 @@ they answer for.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
 
 from .recipe import Recipe, RecipeError
 
@@ -106,6 +109,9 @@ class Method(ABC):
     """A training method as the engine runs it. Subclasses live in `modpo_trl.runs.<name>`."""
 
     name: ClassVar[str]
+    # The trainer class whose name, paper and tags go into each adapter's model card (`_name`, `_paper`,
+    # `_tag_names`, TRL's convention).
+    trainer_class: ClassVar[type | None] = None
     # The manifest's `target`: the objective whose pairs are trained on (None: every objective is alike).
     has_target: ClassVar[bool] = True
 
@@ -119,6 +125,10 @@ class Method(ABC):
 
     def describe(self, recipe: Recipe, runs: list[Run]) -> list[str]:
         """Lines the dry run prints after the table of runs."""
+        return []
+
+    def card_notes(self, recipe: Recipe, run: Run) -> list[str]:
+        """Lines of the adapter's model card on how to use it (e.g. how to condition prompts)."""
         return []
 
     @abstractmethod
@@ -141,6 +151,11 @@ class Method(ABC):
         """The models to evaluate, from the finished runs' manifest `entries` (tag -> entry)."""
 
 
+def usage_notes(intro: str, import_line: str, call: str) -> list[str]:
+    """Model card lines: `intro`, then a Python snippet (`import_line`, a blank line, `call`)."""
+    return [intro, "", "```python", import_line, "", call, "```"]
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """`checkpoint-<step>` folders of `folder`, oldest first, that were completely written.
 
@@ -158,12 +173,40 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def trainer_config(config_class: type, recipe: Recipe, dry_run: bool, **fields: Any) -> Any:
-    """`config_class(**recipe.training, **fields)`; a bad value is a recipe error naming `training`. With
-    `dry_run` the precision and device flags are switched off first: a bf16 recipe checks on a CPU machine."""
+    """`config_class(**recipe.training, **fields)`, checked as the trainer checks it when it starts; a bad value is
+    a recipe error naming its `training` key. With `dry_run` the precision and device flags are switched off
+    first: a bf16 recipe checks on a CPU machine.
+
+    The trainer never pushes (`push_to_hub=False`): the engine pushes each finished adapter (`runs.publish`).
+    """
     training = dict(recipe.training)
     if dry_run:
         training.update(bf16=False, fp16=False, use_cpu=True)
+    training["push_to_hub"] = False
+    # Defaults a user could not act on otherwise: pinned memory only helps copies to a GPU (torch warns on every
+    # DataLoader without one), and TRL's default `gradient_checkpointing=True` is transformers' deprecated name.
+    training.setdefault("dataloader_pin_memory", torch.cuda.is_available() and not training.get("use_cpu"))
+    if "gradient_checkpointing" not in training:
+        defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+        training.setdefault("activation_checkpointing", defaults.get("gradient_checkpointing"))
     try:
-        return config_class(**training, **fields)
+        args = config_class(**training, **fields)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"training: {e}") from e
+        raise RecipeError(_naming_key(str(e), config_class, training, recipe.training, fields)) from e
+    return args
+
+
+def _naming_key(
+    message: str, config_class: type, training: dict[str, Any], given: dict[str, Any], fields: dict[str, Any]
+) -> str:
+    """The config's error with the `training` key it is about: the first key of the recipe without which the
+    config builds (`training.lr_scheduler_type='bogus': ...`), else `training: ...` (the runner's fields)."""
+    for key in given:
+        try:
+            config_class(**{k: v for k, v in training.items() if k != key}, **fields)
+        except (TypeError, ValueError):
+            continue
+        if message.startswith(f"{key}="):  # the message already shows the value
+            return f"training.{message}"
+        return f"training.{key}={training[key]!r}: {message}"
+    return f"training: {message}"

@@ -20,7 +20,7 @@ from ..trainers.moc_config import MOCConfig
 from ..trainers.moc_trainer import OBJECTIVE, MOCTrainer, objective_pairs
 from .data import load_preference_data
 from .engine import conditioned_run, is_done, on_disk
-from .method import Candidate, Method, Prepared, Run, Trained
+from .method import Candidate, Method, Prepared, Run, Trained, usage_notes
 from .modpo import fit
 from .recipe import Recipe, RecipeError, weight_tag
 from .rewards import margin_columns, ready_reward
@@ -31,6 +31,7 @@ COLUMNS = ["prompt", "chosen", "rejected", OBJECTIVE]
 
 class MOC(Method):
     name = "moc"
+    trainer_class = MOCTrainer
     has_target = False  # every objective with pairs is trained on
 
     def check(self, recipe: Recipe) -> None:
@@ -65,6 +66,14 @@ class MOC(Method):
             f"# training preferences: {sampling}, held out: {args.heldout_preferences or 'none'}{radius}",
             f"# evaluated at {len(labels)} preference(s): {', '.join(labels)}",
         ]
+
+    def card_notes(self, recipe: Recipe, run: Run) -> list[str]:
+        names = recipe.objective_names
+        return usage_notes(
+            f"One adapter for every weighting of {names}: state the weighting in each prompt, as in training:",
+            "from modpo_trl.conditioning.preference import condition_prompt",
+            f"prompt = condition_prompt(prompt, w={[round(1 / len(names), 2)] * len(names)}, objective_names={names})",
+        )
 
     def prepare(self, recipe: Recipe) -> Prepared:
         train, evals, margins = _load_data(recipe)

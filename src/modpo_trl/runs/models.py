@@ -1,4 +1,5 @@
-"""The policy a recipe trains: base model, tokenizer, LoRA and QLoRA settings (`model:` and `lora:` sections)."""
+"""The policy a recipe trains: base model, tokenizer, LoRA and QLoRA settings (`model:` and `lora:` sections),
+mapped onto TRL's `ModelConfig` and built by TRL's `get_peft_config` / `get_quantization_config`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from trl import ModelConfig as TRLModelConfig
+from trl import get_peft_config, get_quantization_config
 
 from ..loading import load_tokenizer
 from ..offline import ensure_offline_model
@@ -56,21 +59,18 @@ def check_loadable(path: str, key: str, hint: str = "") -> None:
 
 
 def check_policy(recipe: Recipe) -> None:
-    """Fails before anything is loaded when the policy cannot load here: 4-bit without CUDA, a missing path."""
-    if recipe.model.load_in_4bit and not torch.cuda.is_available():
+    """Fails before anything is loaded when the policy cannot load here: 4/8-bit without CUDA, a missing path."""
+    model = recipe.model
+    bits = "load_in_4bit" if model.load_in_4bit else "load_in_8bit" if model.load_in_8bit else None
+    if bits and not torch.cuda.is_available():
         raise RecipeError(
-            "model.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit quantisation) and none is visible here; "
-            "run on a GPU machine, or set model.load_in_4bit=false to train the LoRA adapter on the unquantised "
-            f"model {recipe.model.path!r}"
+            f"model.{bits}=true needs a CUDA GPU (bitsandbytes {bits[8]}-bit quantisation) and none is visible here; run on a GPU "
+            f"machine, or set model.{bits}=false to train the LoRA adapter on the unquantised model {model.path!r}"
         )
-    check_loadable(recipe.model.path, "model.path")
-    load_tokenizer(
-        recipe.model.tokenizer or recipe.model.path
-    )  # a missing tokenizer is an error now, not later
+    check_loadable(model.path, "model.path")
+    load_tokenizer(model.tokenizer or model.path)  # a missing tokenizer is an error now, not later
     try:
-        config = AutoConfig.from_pretrained(
-            recipe.model.path, trust_remote_code=recipe.model.trust_remote_code
-        )
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     except Exception:  # e.g. a LoRA adapter folder as the policy: loading it will tell what is wrong
         return
     _check_context(recipe, config)
@@ -81,9 +81,8 @@ def _check_context(recipe: Recipe, config: PretrainedConfig) -> None:
     """`training.max_length` within the positions the model was built for."""
     context = getattr(config, "max_position_embeddings", None)
     scaling = getattr(config, "rope_scaling", None) or {}
-    factor = (
-        scaling.get("factor", 1) if isinstance(scaling, dict) else 1
-    )  # a context extended by RoPE scaling
+    # a context extended by RoPE scaling
+    factor = scaling.get("factor", 1) if isinstance(scaling, dict) else 1
     max_length = recipe.training.get("max_length")
     if isinstance(context, int) and isinstance(max_length, int) and max_length > context * factor:
         limit = int(context * factor)
@@ -97,14 +96,12 @@ def _check_context(recipe: Recipe, config: PretrainedConfig) -> None:
 def _check_target_modules(recipe: Recipe, config: PretrainedConfig) -> None:
     """Every `lora.target_modules` entry names modules of the policy (found on a weightless copy of it)."""
     lora = recipe.lora
-    if not lora.enabled:
+    if not lora.enabled or isinstance(lora.target_modules, str):  # 'all-linear' or a regex: peft resolves it
         return
     try:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    except (
-        Exception
-    ):  # an architecture that cannot be built without its weights: peft will check when loading
+    except Exception:  # an architecture not buildable without its weights: peft checks when loading
         return
     names = [name for name, _ in model.named_modules()]
     leaves = sorted(
@@ -124,46 +121,79 @@ def torch_dtype(name: str):
     return name if name == "auto" else getattr(torch, name)
 
 
-def lora_config(recipe: Recipe) -> LoraConfig | None:
-    """The recipe's `lora:` section as a `peft.LoraConfig`, or `None` when `lora.enabled` is false."""
-    lora = recipe.lora
-    if not lora.enabled:
-        return None
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=lora.r,
+def trl_model_config(recipe: Recipe) -> TRLModelConfig:
+    """The recipe's `model:` and `lora:` sections as TRL's `ModelConfig` (what TRL's scripts hand to
+    `get_peft_config` and `get_quantization_config`)."""
+    model, lora = recipe.model, recipe.lora
+    config = TRLModelConfig(
+        model_name_or_path=model.path,
+        model_revision=model.revision or "main",
+        dtype=model.dtype,
+        attn_implementation=model.attn_implementation,
+        use_peft=lora.enabled,
+        lora_r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        lora_target_parameters=lora.target_parameters,
+        lora_modules_to_save=lora.modules_to_save,
+        lora_task_type=lora.task_type,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        load_in_8bit=model.load_in_8bit,
+        load_in_4bit=model.load_in_4bit,
+        bnb_4bit_quant_type=model.bnb_4bit_quant_type,
+        use_bnb_nested_quant=model.bnb_4bit_use_double_quant,
+        bnb_4bit_quant_storage=model.bnb_4bit_quant_storage,
     )
+    # Set after __post_init__, which turns a one-name list into a string: peft reads a string as a regular
+    # expression over full module names, so ["q_proj"] would match nothing.
+    config.lora_target_modules = lora.target_modules
+    return config
+
+
+def lora_config(recipe: Recipe) -> LoraConfig | None:
+    """The recipe's `lora:` section as TRL's `get_peft_config` builds it, or `None` when `lora.enabled` is false."""
+    config = get_peft_config(trl_model_config(recipe))
+    if config is not None and recipe.model.revision:
+        config.revision = (
+            recipe.model.revision
+        )  # the base model's revision, when the adapter is loaded by path
+    return config
+
+
+def quantization_config(recipe: Recipe) -> BitsAndBytesConfig | None:
+    """TRL's `get_quantization_config` for the recipe (None when it loads unquantised); the 4-bit compute dtype
+    is `model.bnb_4bit_compute_dtype` (TRL takes it from `dtype`, which may be "auto")."""
+    config = trl_model_config(recipe)
+    config.dtype = recipe.model.bnb_4bit_compute_dtype
+    return get_quantization_config(config)
 
 
 def load_policy(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Loads the base model and tokenizer of `recipe.model` (QLoRA-ready when `load_in_4bit`).
+    """Loads the base model and tokenizer of `recipe.model` (QLoRA-ready when quantised to 4 or 8 bits).
 
     Without quantisation the model stays where it is loaded and `Trainer` places it (one GPU, DDP, DeepSpeed,
-    FSDP). A 4-bit model cannot be moved after loading, so each process loads it onto its own GPU.
+    FSDP). A quantised model cannot be moved after loading, so each process loads it onto its own GPU.
     """
     check_policy(recipe)
     cfg = recipe.model
     kwargs = {"dtype": torch_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=torch_dtype(cfg.bnb_4bit_compute_dtype),
-            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-        )
+    quantization = quantization_config(recipe)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": PartialState().local_process_index}
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     except Exception as e:
         raise OSError(f"could not load the policy from model.path={cfg.path!r}: {e}") from e
-    if cfg.load_in_4bit:
+    if quantization is not None:
         # Freezes the quantised weights and upcasts the rest (norms) to fp32; the Trainer itself turns on
         # gradient checkpointing when `training.activation_checkpointing` asks for it.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.path)  # pad token = eos when the tokenizer has none
+    # pad token = eos when the tokenizer has none; the policy's own tokenizer comes from the same revision
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.path, revision=None if cfg.tokenizer else cfg.revision)
     return model, tokenizer

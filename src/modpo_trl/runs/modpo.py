@@ -20,6 +20,7 @@ TRAIN_COLUMNS = ["prompt", "chosen", "rejected"]
 
 class MODPO(Method):
     name = "modpo"
+    trainer_class = MODPOTrainer
 
     def runs(self, recipe: Recipe, dry_run: bool = False) -> list[Run]:
         names, t = recipe.objective_names, recipe.target_index
@@ -89,6 +90,7 @@ def fit(trainer_class: type, recipe: Recipe, run: Run, prepared: Prepared, resum
         peft_config=lora_config(recipe),
     )
     output = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()  # trainer_state.json (the log history), kept with the adapter (runs.publish)
     return Trained(lambda folder: trainer.save_model(str(folder)), final_metrics(trainer, output))
 
 

@@ -6,6 +6,7 @@ missing local files, weight vectors of the wrong length, unknown `training` fiel
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -30,6 +31,9 @@ METHODS = ("modpo", "moc", "dpa")
 DATA_FORMATS = ("pairs", "labelled_pairs", "ratings", "implicit_prompt")
 REWARD_TYPES = ("reward_model", "implicit", "function", "columns")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BNB_4BIT_TYPES = ("nf4", "fp4")
+# Sections that decide what an adapter is; `sweep`, `eval` and paths only say which/where.
+TRAINED_SECTIONS = ("method", "model", "lora", "objectives", "target", "training")
 
 
 class RecipeError(ValueError):
@@ -44,28 +48,66 @@ def is_user_error(error: Exception) -> bool:
 
 @dataclass
 class ModelConfig:
-    """The policy's base model."""
+    """The policy's base model.
+
+    TRL's `ModelConfig` names are accepted too (see `TRL_NAMES`): `model_name_or_path`, `model_revision`,
+    `torch_dtype`, `use_bnb_nested_quant`, and its LoRA fields (`use_peft`, `lora_r`, ...), which set `lora:`.
+    """
 
     path: str = MISSING  # hub id or local folder
     tokenizer: str | None = None  # defaults to `path`
+    revision: str | None = None  # hub ids only: a branch, tag or commit (default: the main branch)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
     load_in_4bit: bool = False  # QLoRA: NF4 weights through bitsandbytes (CUDA only)
-    bnb_4bit_quant_type: str = "nf4"
+    load_in_8bit: bool = False  # LLM.int8() weights through bitsandbytes (CUDA only)
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
     bnb_4bit_compute_dtype: str = "bfloat16"
     bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_quant_storage: str | None = None  # e.g. bfloat16, for FSDP over 4-bit weights
     trust_remote_code: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        """Loaded in 4 or 8 bits: placed on its GPU when loaded, and cannot move."""
+        return self.load_in_4bit or self.load_in_8bit
 
 
 @dataclass
 class LoraSettings:
-    """The LoRA adapter trained for every weighting (peft.LoraConfig)."""
+    """The LoRA adapter trained for every weighting: a `peft.LoraConfig` built by TRL's `get_peft_config`."""
 
     enabled: bool = True
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # module names, or one string: "all-linear" or a regular expression over module names (peft's rules)
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_parameters: list[str] | None = None  # parameters to adapt directly (e.g. MoE experts)
+    modules_to_save: list[str] | None = None  # trained in full and saved with the adapter (e.g. lm_head)
+    task_type: str = "CAUSAL_LM"
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    use_dora: bool = False  # weight-decomposed LoRA
+
+
+# TRL's `ModelConfig` field -> the recipe key it sets. Recipes may use either name (in `model:`, as TRL's flat
+# ModelConfig has them, and the `lora_*` ones in `lora:` too); the resolved recipe shows the recipe's name.
+TRL_NAMES = {
+    "model_name_or_path": "model.path",
+    "model_revision": "model.revision",
+    "torch_dtype": "model.dtype",
+    "use_bnb_nested_quant": "model.bnb_4bit_use_double_quant",
+    "use_peft": "lora.enabled",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "lora_target_parameters": "lora.target_parameters",
+    "lora_modules_to_save": "lora.modules_to_save",
+    "lora_task_type": "lora.task_type",
+    "use_rslora": "lora.use_rslora",
+    "use_dora": "lora.use_dora",
+}
 
 
 @dataclass
@@ -290,33 +332,37 @@ def _read_yaml(path: Path) -> Any:
     return content
 
 
-def _override_value(override: str, value: str) -> Any:
-    try:
-        return yaml.load(value, Loader=_YamlLoader)
-    except yaml.YAMLError as e:
-        raise RecipeError(
-            f"override {override!r}: the value is not valid YAML ({' '.join(str(e).split())}); quote it, e.g. "
-            f"key='text'"
-        ) from None
-
-
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Loads a YAML recipe, applies dotted `key=value` overrides and validates the result."""
+    """Loads a YAML recipe, applies dotted `key=value` overrides and validates the result.
+
+    Override values are read as OmegaConf reads a dotlist and the recipe file itself (`1e-4` and `5E-5` are
+    numbers, `{path: x}` a mapping, `'1e-4'` a string); any dotted key can be set, also a field of an optional
+    section that is empty (`eval.prompts.path=...`). TRL's `ModelConfig` names are accepted (`TRL_NAMES`).
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     register_resolvers()
     content = _read_yaml(path)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.create(content))
-        for override in overrides or []:
-            key, sep, value = override.partition("=")
-            if not sep or not key:
-                raise RecipeError(
-                    f"override {override!r} is not of the form key=value (e.g. training.beta=0.2)"
-                )
-            # update() (unlike from_dotlist) reaches into lists: objectives.0.data.path=...
-            OmegaConf.update(merged, key.strip(), _override_value(override, value), merge=True)
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), _with_recipe_names(content, str(path)))
+    except OmegaConfBaseException as e:
+        raise RecipeError(_explain(e, path)) from None
+    given: dict[str, tuple[str, Any]] = {}  # recipe key -> (override, value), to catch the same key set twice
+    for override in overrides or []:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {override!r} is not of the form key=value (e.g. training.beta=0.2)")
+        key, value = _recipe_key(key.strip()), _override_value(override, text)
+        earlier = given.get(key)
+        if earlier and earlier[0].partition("=")[0] != override.partition("=")[0] and earlier[1] != value:
+            raise RecipeError(f"overrides {earlier[0]!r} and {override!r} both set {key}; keep one")
+        given[key] = (override, value)
+        try:
+            _set(merged, key, value)
+        except OmegaConfBaseException as e:
+            raise RecipeError(_explain(e, f"override {override!r}", key)) from None
+    try:
         recipe: Recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise RecipeError(_explain(e, path)) from None
@@ -324,8 +370,75 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def _explain(error: OmegaConfBaseException, path: Path) -> str:
-    key = getattr(error, "full_key", None) or "?"
+def _override_value(override: str, text: str) -> Any:
+    """`text` as OmegaConf parses a dotlist value, interpolations (`${offline:smollm2}`) kept for later."""
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)["value"]
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        message = " ".join(str(e).split())
+        raise RecipeError(
+            f"override {override!r}: the value is not valid YAML ({message}); quote it"
+        ) from None
+
+
+def _set(merged: Any, key: str, value: Any) -> None:
+    """`OmegaConf.update` (which, unlike from_dotlist, reaches into lists: `objectives.0.data.path=...`), after
+    creating the empty optional sections on the way (`eval.prompts` when it is null)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        section = _optional_section(prefix)
+        if section is not None and OmegaConf.select(merged, prefix, default=0) is None:
+            OmegaConf.update(merged, prefix, OmegaConf.structured(section), merge=False)
+    OmegaConf.update(merged, key, value, merge=True)
+
+
+def _optional_section(dotted: str) -> type | None:
+    """The dataclass of an optional section (`eval.prompts`, `objectives.0.reward`), else None."""
+    parent, _, name = dotted.rpartition(".")
+    node = _schema_node(parent)
+    if node is None or name.isdigit():
+        return None
+    hint = typing.get_type_hints(node).get(name)
+    return next((t for t in typing.get_args(hint) if dataclasses.is_dataclass(t)), None)
+
+
+def _recipe_key(key: str) -> str:
+    """A dotted key with a TRL `ModelConfig` name (`model.lora_r`, `lora.lora_r`) -> the recipe's key (`lora.r`)."""
+    section, _, name = key.partition(".")
+    target = TRL_NAMES.get(name) if section in ("model", "lora") else None
+    if target is None or (section == "lora" and not target.startswith("lora.")):
+        return key
+    return target
+
+
+def _with_recipe_names(content: dict[str, Any], source: str) -> dict[str, Any]:
+    """The recipe file's `model:` and `lora:` sections with TRL's names moved to the recipe's keys; the same
+    setting given twice with different values is an error naming both."""
+    content = dict(content)
+    written: dict[str, tuple[str, Any]] = {}  # recipe key -> (key as written, value)
+    sections: dict[str, dict[str, Any]] = {}
+    for section in ("model", "lora"):
+        block = content.get(section)
+        if not isinstance(block, dict):  # absent, or not a mapping: the schema merge reports it
+            continue
+        for name, value in block.items():
+            key = _recipe_key(f"{section}.{name}")
+            if key in written and written[key][1] != value:
+                raise RecipeError(
+                    f"{source}: {written[key][0]}={written[key][1]!r} and {section}.{name}={value!r} both set "
+                    f"{key}; keep one (TRL's ModelConfig names are aliases of the recipe's)"
+                )
+            written[key] = (f"{section}.{name}", value)
+            target_section, _, target_name = key.partition(".")
+            sections.setdefault(target_section, {})[target_name] = value
+    content.update(sections)
+    return content
+
+
+def _explain(error: OmegaConfBaseException, where: str | Path, key: str | None = None) -> str:
+    """The error as one line for `where` (the recipe file, or an override), naming the key and what is valid."""
+    key = getattr(error, "full_key", None) or key or "?"
     message = str(error).splitlines()[0]
     if "Key '" in message and "not in" in message:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
@@ -334,11 +447,11 @@ def _explain(error: OmegaConfBaseException, path: Path) -> str:
         leaf = key.rsplit(".", 1)[-1]
         hint = difflib.get_close_matches(leaf, valid, n=1)
         return (
-            f"{path}: unknown key '{key}'"
+            f"{where}: unknown key '{key}'"
             + (f" (did you mean '{hint[0]}'?)" if hint else "")
             + (f"; valid keys here: {valid}" if valid else "")
         )
-    return f"{path}: invalid value for '{key}': {message}"
+    return f"{where}: invalid value for '{key}': {message}"
 
 
 def _schema_node(dotted: str):
@@ -369,8 +482,7 @@ def validate(recipe: Recipe, base_dir: Path | None = None) -> None:
     """Checks everything that can be checked without loading a model. Raises RecipeError."""
     if recipe.method not in METHODS:
         raise RecipeError(f"method={recipe.method!r} is not valid; valid: {list(METHODS)}")
-    if recipe.model.dtype not in DTYPES:
-        raise RecipeError(f"model.dtype={recipe.model.dtype!r} is not valid; valid: {list(DTYPES)}")
+    _check_model(recipe.model)
     _check_run_name(recipe.run_name)
     _check_lora(recipe.lora)
     names = recipe.objective_names
@@ -423,7 +535,27 @@ def _check_run_name(name: str) -> None:
         )
 
 
+def _check_model(model: ModelConfig) -> None:
+    choices = {
+        "dtype": DTYPES,
+        "bnb_4bit_quant_type": BNB_4BIT_TYPES,
+        "bnb_4bit_compute_dtype": DTYPES[1:],
+        "bnb_4bit_quant_storage": (None, "uint8", *DTYPES[1:]),
+    }
+    for name, valid in choices.items():
+        if getattr(model, name) not in valid:
+            raise RecipeError(f"model.{name}={getattr(model, name)!r} is not valid; valid: {list(valid)}")
+    if model.load_in_4bit and model.load_in_8bit:
+        raise RecipeError("model.load_in_4bit and model.load_in_8bit are both true; choose one (or neither)")
+    if model.revision is not None and Path(model.path).expanduser().exists():
+        raise RecipeError(
+            f"model.revision={model.revision!r} applies to hub ids, but model.path={model.path!r} is a local "
+            "folder; remove the revision (or check out that revision into the folder)"
+        )
+
+
 def _check_lora(lora: LoraSettings) -> None:
+    """The fields peft would reject late (when the trainer wraps the model), named now."""
     if not lora.enabled:
         return
     if lora.r < 1:
@@ -432,9 +564,17 @@ def _check_lora(lora: LoraSettings) -> None:
         raise RecipeError(f"lora.alpha={lora.alpha} is not valid; valid: a number > 0")
     if not 0.0 <= lora.dropout < 1.0:
         raise RecipeError(f"lora.dropout={lora.dropout} is not valid; valid: 0 <= dropout < 1")
-    if not lora.target_modules:
+    modules = lora.target_modules
+    if not (isinstance(modules, str) and modules) and not (
+        isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules)
+    ):
         raise RecipeError(
-            "lora.target_modules is empty; valid: the names of modules to adapt, e.g. [q_proj, v_proj]"
+            f"lora.target_modules={modules!r} is not valid; valid: a list of module names (e.g. [q_proj, v_proj]), "
+            "'all-linear', or a regular expression over module names"
+        )
+    if lora.task_type != "CAUSAL_LM":
+        raise RecipeError(
+            f"lora.task_type={lora.task_type!r} is not valid; valid: ['CAUSAL_LM'] (every method trains a causal LM)"
         )
 
 

@@ -97,7 +97,8 @@ def margin_columns(
     """Scores every margin reward on every data set now, before the policy is loaded, so that a reward that fails
     or returns no finite score per response is a recipe error naming it rather than a traceback after loading.
 
-    `margins` maps objective names to (source, its recipe section, the section's key). Scores go through the
+    `margins` maps objective names to (source, its recipe section, the section's key); `datasets` are the train
+    and the eval set (or None). Scores go through the
     score cache as the trainer would put them (`training.score_cache_dir`, `use_score_cache`); they come back as
     two columns per objective, with a `ColumnReward` reading them for the trainer.
     """
@@ -110,18 +111,18 @@ def margin_columns(
             [source], batch_size, "none", setting["score_cache_dir"], setting["use_score_cache"]
         )
         columns = (f"margin:{name}:chosen", f"margin:{name}:rejected")
-        for i, dataset in enumerate(out):
+        for i, (dataset, split) in enumerate(zip(out, ("train", "eval"), strict=True)):
             if dataset is not None:
-                scored = _scored(scorer, dataset, cfg, key)
+                scored = _scored(scorer, dataset, split, cfg, key)
                 values = [np.asarray(scored[c])[:, 0].tolist() for c in MARGIN_COLUMNS]
                 out[i] = dataset.add_column(columns[0], values[0]).add_column(columns[1], values[1])
         readers.append(ColumnReward(*columns, name=source.name))
     return out, readers
 
 
-def _scored(scorer: MarginScorer, dataset: Dataset, cfg: RewardConfig, key: str) -> Dataset:
+def _scored(scorer: MarginScorer, dataset: Dataset, split: str, cfg: RewardConfig, key: str) -> Dataset:
     try:
-        return scorer.add(dataset)
+        return scorer.add(dataset, split)
     except ScoreError as e:
         where = f"{key}.function={cfg.function!r}" if cfg.type == "function" else key
         raise RecipeError(f"{where}: {e}") from None

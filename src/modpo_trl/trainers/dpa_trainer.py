@@ -48,6 +48,7 @@ from ..generation import SamplingSettings, as_response, generate_texts
 from ..rewards.vector import as_reward_vector
 from ..storage import read_jsonl, write_jsonl
 from .dpa_config import DPAConfig, check_dpa_fields
+from .logs import keep_logs
 
 DATA_FILE, ADAPTER_DIR, SFT_METRICS = "data.jsonl", "adapter", "dpa_iteration.json"
 
@@ -81,6 +82,7 @@ class DPATrainer:
         callbacks: passed to every iteration's `SFTTrainer`.
     """
 
+    _tag_names = ["trl", "dpa", "modpo_trl"]
     _name = "DPA"
     _paper = {
         "title": "Arithmetic Control of LLMs for Diverse User Preferences: Directional Preference Alignment "
@@ -269,6 +271,7 @@ class DPATrainer:
             callbacks=self.callbacks,
         )
         output = trainer.train()
+        trainer.save_state()  # the log history: kept with the iteration's adapter
         if state.is_main_process and partial.exists():  # left by a run killed while saving
             shutil.rmtree(partial)
         state.wait_for_everyone()
@@ -276,6 +279,7 @@ class DPATrainer:
         metrics = {"train_loss": output.training_loss, "examples": len(rows)}
         if state.is_main_process:
             (partial / SFT_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+            keep_logs(work, partial)  # before the work folder goes
             os.replace(partial, final)
             shutil.rmtree(work, ignore_errors=True)
         state.wait_for_everyone()
