@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from examples.quickstart import make_data
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart"

@@ -96,7 +96,9 @@ def test_controllability_interval():
     weights = np.array([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
     rng = np.random.default_rng(2)
     # objective 0 rises with its weight on every prompt; objective 1 is noise around one level
-    values = np.stack([np.stack([k + rng.normal(0, 0.1, 20), rng.normal(0, 1, 20)], axis=1) for k in range(3)])
+    values = np.stack(
+        [np.stack([k + rng.normal(0, 0.1, 20), rng.normal(0, 1, 20)], axis=1) for k in range(3)]
+    )
     out = PromptBootstrap(values, resamples=400).controllability([0, 1, 2], weights, ["up", "noise"])
     point = controllability(weights, values.mean(axis=1), ["up", "noise"])
     for name in ("up", "noise"):
@@ -162,7 +164,10 @@ def test_neighbours_resolved_and_inverted():
         ("x", "y", True, True),
         ("y", "z", True, True),
     ]
-    assert [(d["lower"], d["higher"], d["resolved"]) for d in out["b"]] == [("z", "y", True), ("y", "x", False)]
+    assert [(d["lower"], d["higher"], d["resolved"]) for d in out["b"]] == [
+        ("z", "y", True),
+        ("y", "x", False),
+    ]
     assert not out["b"][0]["as_requested"]  # y has more weight on b than z but 5 less of it
     assert out["b"][0]["difference"] == pytest.approx(-5.0, abs=0.02)
 

@@ -284,7 +284,8 @@ def test_end_to_end_outputs(sweep, generations, capsys):
 def test_greedy_evaluation_gives_identical_results_twice(sweep, generations):
     first = evaluate_sweep(sweep, ["eval.do_sample=false"])
     first_files = {f: (sweep / "eval" / f).read_text() for f in ("results.csv", "metrics.csv")}
-    second = evaluate_sweep(sweep, ["eval.do_sample=false"], force=True)  # generated again, not from the cache
+    # generated again, not from the cache
+    second = evaluate_sweep(sweep, ["eval.do_sample=false"], force=True)
     assert generations == KEYS + KEYS
     for a, b in zip(first["candidates"], second["candidates"], strict=True):
         assert not b["cached"]
