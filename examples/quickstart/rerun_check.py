@@ -1,0 +1,242 @@
+"""Do two (or more) runs of the quickstart agree on every claim the README makes?
+
+    make quickstart-rerun          # trains and evaluates the quickstart with seeds 0 and 1, then runs this check
+    python -m examples.quickstart.rerun_check outputs/rerun/quickstart-seed0 outputs/rerun/quickstart-seed1 \
+        [--json docs/results/quickstart-modpo.json]
+
+Each claim is decided on one run's `eval/results.json` from the paired bootstrap intervals over prompts (see
+`modpo_trl.evaluation.bootstrap`): a claim *holds* in a run when the intervals support it, and it *survives*
+when it holds in every run. A claim that does not survive must be weakened to what holds in every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modpo_trl.evaluation.bootstrap import PromptBootstrap, resolved
+from modpo_trl.storage import write_atomic
+
+TARGET, MARGIN = "brevity", "relevance"
+
+
+class Run:
+    """One run's report, with a bootstrap over its candidates' per-prompt scores for paired differences that
+    the report does not list (e.g. between the two extreme adapters)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.report = json.loads((folder / "eval" / "results.json").read_text())
+        self.names = self.report["objectives"]
+        self.pareto = self.report["pareto"]
+        self.rows = [r for r in self.report["candidates"] if r["status"] == "ok"]
+        intervals = self.pareto["intervals"]
+        values = np.array([[r["scores"][n]["values"] for n in self.names] for r in self.rows])
+        self.boot = PromptBootstrap(
+            values.transpose(0, 2, 1), intervals["confidence"], intervals["resamples"], intervals["seed"]
+        )
+
+    def index(self, method: str, label: str) -> int:
+        return next(i for i, r in enumerate(self.rows) if r["method"] == method and r["label"] == label)
+
+    def of(self, method: str) -> list[dict]:
+        return [r for r in self.rows if r["method"] == method]
+
+    def difference(self, a: tuple[str, str], b: tuple[str, str], objective: str) -> tuple[float, list[float]]:
+        """b's mean minus a's on `objective`, with its interval."""
+        k = self.names.index(objective)
+        estimate, lo, hi = self.boot.difference(self.index(*a), self.index(*b))
+        return float(estimate[k]), [float(lo[k]), float(hi[k])]
+
+
+def fmt(estimate: float, ci: list[float], spec: str = "+.4f") -> str:
+    return f"{estimate:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
+def every_adapter_briefer(run: Run) -> tuple[bool, str]:
+    diffs = [r["scores"][TARGET]["vs_reference"] for r in run.of("modpo")]
+    ok = all(d["resolved"] and d["difference"] > 0 for d in diffs)
+    low = min(diffs, key=lambda d: d["ci"][0])
+    return ok, f"smallest gain {fmt(low['difference'], low['ci'])}"
+
+
+def weight_buys_relevance(run: Run) -> tuple[bool, str]:
+    modpo = run.of("modpo")
+    most = max(modpo, key=lambda r: r["weights"][run.names.index(MARGIN)])
+    least = min(modpo, key=lambda r: r["weights"][run.names.index(MARGIN)])
+    estimate, ci = run.difference(("modpo", least["label"]), ("modpo", most["label"]), MARGIN)
+    return bool(resolved(*ci) and estimate > 0), f"{most['label']} - {least['label']}: {fmt(estimate, ci)}"
+
+
+def controllable(objective: str) -> Callable[[Run], tuple[bool, str]]:
+    def claim(run: Run) -> tuple[bool, str]:
+        c = run.pareto["controllability"]["modpo"][objective]
+        return c["spearman_ci"][0] > 0, (
+            f"Spearman {fmt(c['spearman'], c['spearman_ci'], '+.2f')}, "
+            f"Kendall {fmt(c['kendall_tau'], c['kendall_tau_ci'], '+.2f')}"
+        )
+
+    return claim
+
+
+def no_resolved_inversion(run: Run) -> tuple[bool, str]:
+    pairs = [d for per in run.pareto["neighbours"]["modpo"].values() for d in per]
+    inverted = [d for d in pairs if d["resolved"] and not d["as_requested"]]
+    good = sum(d["resolved"] and d["as_requested"] for d in pairs)
+    return (
+        not inverted,
+        f"{good} of {len(pairs)} neighbouring orders resolved as requested, {len(inverted)} inverted",
+    )
+
+
+def every_neighbour_resolved(run: Run) -> tuple[bool, str]:
+    per_objective = run.pareto["neighbours"]["modpo"]
+    counts = {
+        n: f"{sum(d['resolved'] and d['as_requested'] for d in pairs)}/{len(pairs)}"
+        for n, pairs in per_objective.items()
+    }
+    ok = all(d["resolved"] and d["as_requested"] for pairs in per_objective.values() for d in pairs)
+    return ok, ", ".join(f"{n} {c}" for n, c in counts.items())
+
+
+def hypervolume_above(other: str) -> Callable[[Run], tuple[bool, str]]:
+    def claim(run: Run) -> tuple[bool, str]:
+        d = next(
+            d for d in run.pareto["hypervolume_difference"] if (d["first"], d["second"]) == ("modpo", other)
+        )
+        hv = run.pareto["hypervolume"]
+        ratio = hv["modpo"] / hv[other] if hv[other] > 0 else float("inf")
+        return d["resolved"] and d[
+            "estimate"
+        ] > 0, f"difference {fmt(d['estimate'], d['ci'], '+.4g')}, ratio {ratio:.2f}"
+
+    return claim
+
+
+def no_adapter_more_relevant(run: Run) -> tuple[bool, str]:
+    diffs = [r["scores"][MARGIN]["vs_reference"] for r in run.of("modpo")]
+    better = [d for d in diffs if d["resolved"] and d["difference"] > 0]
+    top = max(diffs, key=lambda d: d["difference"])
+    return not better, f"closest: {fmt(top['difference'], top['ci'])}"
+
+
+def reference_on_front(run: Run) -> tuple[bool, str]:
+    (reference,) = run.of("reference")
+    return reference["non_dominated"], reference["front"]["status"]
+
+
+def soups_close_to_modpo(run: Run) -> tuple[bool, str]:
+    gaps = []
+    for soup in run.of("rewarded_soups"):
+        for name in run.names:
+            estimate, ci = run.difference(("modpo", soup["label"]), ("rewarded_soups", soup["label"]), name)
+            gaps.append((resolved(*ci), f"{soup['label']} {name} {fmt(estimate, ci)}"))
+    apart = [text for is_resolved, text in gaps if is_resolved]
+    return not apart, f"{len(apart)} of {len(gaps)} soup-vs-MODPO differences resolved" + (
+        f": {'; '.join(apart)}" if apart else ""
+    )
+
+
+# (claim as the README states it, how it is decided)
+CLAIMS: list[tuple[str, Callable[[Run], tuple[bool, str]]]] = [
+    ("every MODPO adapter is briefer than the untrained model", every_adapter_briefer),
+    (
+        "more relevance weight buys relevance (most vs least relevance-weighted adapter)",
+        weight_buys_relevance,
+    ),
+    ("controllability: brevity rises with its weight (Spearman > 0)", controllable(TARGET)),
+    ("controllability: relevance rises with its weight (Spearman > 0)", controllable(MARGIN)),
+    ("no neighbouring weightings are in the wrong order beyond noise", no_resolved_inversion),
+    ("every neighbouring pair of weightings is ordered as requested beyond noise", every_neighbour_resolved),
+    ("MODPO's front has a larger hypervolume than the untrained model", hypervolume_above("reference")),
+    ("MODPO's front has a larger hypervolume than Rewarded Soups'", hypervolume_above("rewarded_soups")),
+    ("no adapter is more relevant than the untrained model", no_adapter_more_relevant),
+    ("the untrained model stays on the joint front (on the means)", reference_on_front),
+    ("the interior soups are within noise of MODPO's adapters", soups_close_to_modpo),
+]
+
+
+def check(runs: list[Run]) -> list[dict[str, Any]]:
+    out = []
+    for claim, decide in CLAIMS:
+        verdicts = [decide(run) for run in runs]
+        out.append(
+            {
+                "claim": claim,
+                "holds": [bool(ok) for ok, _ in verdicts],
+                "evidence": [evidence for _, evidence in verdicts],
+                "survives": all(ok for ok, _ in verdicts),
+            }
+        )
+    return out
+
+
+def headline(run: Run) -> dict[str, Any]:
+    """A run's figures with their intervals, for docs/results."""
+    p = run.pareto
+    return {
+        "run": run.report["run_name"],
+        "num_prompts": run.report["num_prompts"],
+        "generation": run.report["generation"],
+        "intervals": p["intervals"],
+        "reference_point": p["reference_point"],
+        "candidates": [
+            {
+                "method": r["method"],
+                "label": r["label"],
+                "front": r["front"]["status"],
+                **{
+                    n: {
+                        "mean": r["scores"][n]["mean"],
+                        "ci": r["scores"][n]["ci"],
+                        "vs_reference": r["scores"][n].get("vs_reference"),
+                    }
+                    for n in run.names
+                },
+            }
+            for r in run.rows
+        ],
+        "hypervolume": {
+            m: {"estimate": v, "ci": p["hypervolume_ci"][m]} for m, v in p["hypervolume"].items()
+        },
+        "hypervolume_difference": p["hypervolume_difference"],
+        "controllability": p["controllability"],
+        "neighbours": p["neighbours"],
+    }
+
+
+def markdown(runs: list[Run], claims: list[dict[str, Any]]) -> str:
+    names = [run.report["run_name"] for run in runs]
+    lines = [f"| claim | {' | '.join(names)} | survives |", "|---" * (len(names) + 2) + "|"]
+    for c in claims:
+        cells = [f"{'yes' if ok else 'no'}: {e}" for ok, e in zip(c["holds"], c["evidence"], strict=True)]
+        lines.append(f"| {c['claim']} | {' | '.join(cells)} | {'yes' if c['survives'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.quickstart.rerun_check", description=__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="evaluated quickstart run folders")
+    parser.add_argument("--json", type=Path, help="also write the claims and every run's figures here")
+    args = parser.parse_args(argv)
+    missing = [str(f) for f in args.runs if not (f / "eval" / "results.json").is_file()]
+    if missing:
+        parser.error(
+            f"no eval/results.json in {missing}: evaluate them first (python -m modpo_trl.evaluate ...)"
+        )
+    runs = [Run(f) for f in args.runs]
+    claims = check(runs)
+    print(markdown(runs, claims))
+    if args.json:
+        result = {"claims": claims, "runs": [headline(run) for run in runs]}
+        write_atomic(args.json, json.dumps(result, indent=1) + "\n")
+    return 0 if all(c["survives"] for c in claims) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
