@@ -22,7 +22,16 @@ from numpy.typing import ArrayLike
 
 from .pareto import hypervolume, non_dominated, rank_correlations
 
-__all__ = ["PromptBootstrap", "interval", "resample_indices"]
+__all__ = [
+    "DOMINATED",
+    "DOMINATED_NOISY",
+    "FRONT",
+    "FRONT_NOISY",
+    "PromptBootstrap",
+    "interval",
+    "resample_indices",
+    "resolved",
+]
 
 # What each candidate's place in the joint front is (`PromptBootstrap.front`).
 FRONT, FRONT_NOISY, DOMINATED_NOISY, DOMINATED = (
@@ -192,8 +201,8 @@ class PromptBootstrap:
         for i, on_front in enumerate(mask):
             by = np.flatnonzero(beyond[i]).tolist()
             maybe = [j for j in np.flatnonzero(possible[i]).tolist() if j not in by]
-            if on_front:
-                status = FRONT_NOISY if maybe else FRONT
+            if on_front:  # (a percentile interval may, rarely, miss its estimate: then `by` flags it too)
+                status = FRONT_NOISY if maybe or by else FRONT
             else:
                 status = DOMINATED if by else DOMINATED_NOISY
             out.append({"status": status, "dominated_by": by, "may_be_dominated_by": maybe})
