@@ -219,6 +219,37 @@ def markdown(runs: list[Run], claims: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def figures_markdown(runs: list[Run]) -> str:
+    """The headline figures of every run, with their intervals: one column per run."""
+    rows: dict[str, list[str]] = {}
+    for run in runs:
+        p = run.pareto
+        for method, value in p["hypervolume"].items():
+            rows.setdefault(f"hypervolume {method}", []).append(
+                fmt(value, p["hypervolume_ci"][method], ".4f")
+            )
+        for d in p["hypervolume_difference"]:
+            rows.setdefault(f"hypervolume {d['first']} - {d['second']}", []).append(
+                fmt(d["estimate"], d["ci"], "+.4f")
+            )
+        for name, c in p["controllability"]["modpo"].items():
+            for metric, title in (("spearman", "Spearman"), ("kendall_tau", "Kendall")):
+                rows.setdefault(f"{title} {name} (modpo)", []).append(
+                    fmt(c[metric], c[f"{metric}_ci"], "+.2f")
+                )
+        for name, pairs in p["neighbours"]["modpo"].items():
+            good = sum(d["resolved"] and d["as_requested"] for d in pairs)
+            inverted = sum(d["resolved"] and not d["as_requested"] for d in pairs)
+            rows.setdefault(f"neighbouring orders resolved, {name} (modpo)", []).append(
+                f"{good} of {len(pairs)} as requested, {inverted} inverted"
+            )
+    names = [run.report["run_name"] for run in runs]
+    level = f"{runs[0].pareto['intervals']['confidence']:.0%}"
+    lines = [f"| figure ({level} interval) | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {figure} | {' | '.join(cells)} |" for figure, cells in rows.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.quickstart.rerun_check", description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="evaluated quickstart run folders")
@@ -231,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     runs = [Run(f) for f in args.runs]
     claims = check(runs)
-    print(markdown(runs, claims))
+    print(figures_markdown(runs) + "\n\n" + markdown(runs, claims))
     if args.json:
         result = {"claims": claims, "runs": [headline(run) for run in runs]}
         write_atomic(args.json, json.dumps(result, indent=1) + "\n")
