@@ -110,8 +110,8 @@ def _draw_panel(
             [a["scores"][iy], b["scores"][iy]],
             linestyle=(0, (1.5, 1.5)),
             color=styles[a["method"]][1],
-            linewidth=2.2,
-            alpha=0.9,
+            linewidth=1.8,
+            alpha=0.85,
             zorder=3,
         )
     all_x = [q["scores"][ix] for pts in groups.values() for q in pts]

@@ -299,20 +299,14 @@ def plot_results(
         }
         for r in ok
     ]
-    if any(r["method"] == "rewarded_soups" for r in ok):  # close the soups' front with the shared extremes
-        points += [
-            {**p, "method": "rewarded_soups", "label": "", "ci": None}
-            for p, r in zip(points, ok, strict=True)
-            if r["extreme"]
-        ]
     index = {(r["method"], r["label"]): i for i, r in enumerate(ok)}
-    extremes = {r["label"]: i for i, r in enumerate(ok) if r["extreme"]}  # a soup's neighbour may be one
+    if any(r["method"] == "rewarded_soups" for r in ok):  # close the soups' front with the shared extremes
+        for p, r in zip(list(points), ok, strict=True):
+            if r["extreme"]:
+                index["rewarded_soups", r["label"]] = len(points)  # the soups' neighbour is this copy
+                points.append({**p, "method": "rewarded_soups", "label": "", "ci": None})
     unresolved = [
-        (
-            index.get((method, d["lower"]), extremes.get(d["lower"])),
-            index.get((method, d["higher"]), extremes.get(d["higher"])),
-            names.index(name),
-        )
+        (index[method, d["lower"]], index[method, d["higher"]], names.index(name))
         for method, per_objective in (pareto or {}).get("neighbours", {}).items()
         for name, pairs in per_objective.items()
         for d in pairs
