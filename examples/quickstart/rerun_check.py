@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -346,7 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\nWhat it can claim:\n")
     print(markdown(runs, claims))
     if args.json:
-        result = {"claims": claims, "readme_claims_before": before, "runs": [headline(run) for run in runs]}
+        result = {
+            "what": "the quickstart run once per seed; which claims hold in every run (rerun_check.py)",
+            "command": " ".join(["python -m examples.quickstart.rerun_check", *map(str, args.runs)]),
+            "date": time.strftime("%Y-%m-%d"),
+            "source": "the runs' eval/results.json: "
+            + ", ".join(str(f / "eval" / "results.json") for f in args.runs),
+            "claims": claims,
+            "readme_claims_before": before,
+            "runs": [headline(run) for run in runs],
+        }
         write_atomic(args.json, json.dumps(result, indent=1) + "\n")
     return 0 if all(c["survives"] for c in claims) else 1
 
