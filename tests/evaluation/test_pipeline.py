@@ -225,18 +225,73 @@ def test_end_to_end_outputs(sweep, generations, capsys):
     )
     assert all(s["scores"]["length"] == len(s["response"].split()) for s in samples)
 
+    # every candidate keeps its per-prompt scores, and gets its paired difference from the reference model
+    reference = by_key["reference-base"]["scores"]["length"]["values"]
+    mine = by_key["modpo-w-0.50-0.50"]["scores"]["length"]
+    assert mine["values"] == [s for s in lengths]
+    vs = mine["vs_reference"]
+    assert vs["difference"] == pytest.approx(sum(mine["values"]) / 5 - sum(reference) / 5)
+    assert vs["ci"][0] <= vs["difference"] <= vs["ci"][1]
+    assert all(c["front"]["status"] for c in results["candidates"])
+    assert pareto["intervals"]["resamples"] == 2000 and pareto["intervals"]["num_prompts"] == len(PROMPTS)
+    for method, hv in pareto["hypervolume"].items():
+        low, high = pareto["hypervolume_ci"][method]
+        assert low <= hv <= high
+    assert {(d["first"], d["second"]) for d in pareto["hypervolume_difference"]} == {
+        ("modpo", "rewarded_soups"),
+        ("modpo", "reference"),
+        ("rewarded_soups", "reference"),
+    }
+    assert [(d["lower"], d["higher"]) for d in pareto["neighbours"]["modpo"]["length"]] == [
+        ("w-0.20-0.80", "w-0.50-0.50"),
+        ("w-0.50-0.50", "w-1.00-0.00"),
+    ]
+
     rows = (eval_dir / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + len(KEYS)
     header = rows[0].split(",")
     for column in ("method", "label", "w_length", "w_positive", "length_mean", "length_ci", "positive_mean"):
         assert column in header
+    row = dict(zip(header, rows[1 + KEYS.index("modpo-w-0.50-0.50")].split(","), strict=True))
+    assert float(row["length_minus_reference_lo"]) == pytest.approx(vs["ci"][0])
+    assert float(row["length_minus_reference_hi"]) == pytest.approx(vs["ci"][1])
+    assert row["front"] == by_key["modpo-w-0.50-0.50"]["front"]["status"]
+    metrics = (eval_dir / "metrics.csv").read_text().splitlines()
+    assert metrics[0] == "metric,method,objective,first,second,estimate,ci_lo,ci_hi,resolved"
+    modpo_hv = next(line.split(",") for line in metrics if line.startswith("hypervolume,modpo,"))
+    assert [float(x) for x in modpo_hv[5:8]] == pytest.approx(
+        [pareto["hypervolume"]["modpo"], *pareto["hypervolume_ci"]["modpo"]]
+    )
+    assert sum(line.startswith("neighbour_difference,modpo,") for line in metrics) == 4
     png = (eval_dir / "pareto.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert "pareto.png" in out and "hypervolume" in out and "rewarded_soups" in out
-    # the summary gives both rank correlations: Spearman (the quickstart's target) and Kendall (MOC's)
+    # the summary gives both rank correlations, Spearman (the quickstart's target) and Kendall (MOC's), and
+    # every headline figure with its interval
     length = pareto["controllability"]["modpo"]["length"]
-    assert "controllability of modpo (Spearman / Kendall, requested weight vs score)" in out
-    assert f"length {length['spearman']:+.2f} / {length['kendall_tau']:+.2f}" in out
+    assert "controllability of modpo (Spearman / Kendall, requested weight vs score, 95%)" in out
+    spearman, kendall = length["spearman_ci"], length["kendall_tau_ci"]
+    assert (
+        f"length {length['spearman']:+.2f} [{spearman[0]:+.2f}, {spearman[1]:+.2f}] / "
+        f"{length['kendall_tau']:+.2f} [{kendall[0]:+.2f}, {kendall[1]:+.2f}]"
+    ) in out
+    low, high = pareto["hypervolume_ci"]["modpo"]
+    assert f"modpo {pareto['hypervolume']['modpo']:.4g} [{low:.4g}, {high:.4g}]" in out
+    assert f"{vs['difference']:+.4f} [{vs['ci'][0]:+.4f}, {vs['ci'][1]:+.4f}]" in out
+    assert "neighbouring weightings of modpo" in out and "difference from the reference model" in out
+
+
+def test_greedy_evaluation_gives_identical_results_twice(sweep, generations):
+    first = evaluate_sweep(sweep, ["eval.do_sample=false"])
+    first_files = {f: (sweep / "eval" / f).read_text() for f in ("results.csv", "metrics.csv")}
+    # generated again, not from the cache
+    second = evaluate_sweep(sweep, ["eval.do_sample=false"], force=True)
+    assert generations == KEYS + KEYS
+    for a, b in zip(first["candidates"], second["candidates"], strict=True):
+        assert not b["cached"]
+        assert {k: v for k, v in a.items() if k != "cached"} == {k: v for k, v in b.items() if k != "cached"}
+    assert first["pareto"] == second["pareto"]  # the intervals too: the bootstrap is seeded
+    assert {f: (sweep / "eval" / f).read_text() for f in first_files} == first_files
 
 
 def test_hypervolume_uses_recipe_reference_point(sweep):
@@ -415,6 +470,10 @@ def test_bad_eval_settings_fail_before_loading(sweep, generations):
         evaluate_sweep(sweep, ["eval.backend=tpu"])
     with pytest.raises(RecipeError, match="eval.temperature=0.0 must be > 0"):
         evaluate_sweep(sweep, ["eval.temperature=0.0"])
+    with pytest.raises(RecipeError, match=r"eval.confidence=95.0 must be in \(0, 1\)"):
+        evaluate_sweep(sweep, ["eval.confidence=95"])
+    with pytest.raises(RecipeError, match="eval.bootstrap_resamples=10 must be >= 100"):
+        evaluate_sweep(sweep, ["eval.bootstrap_resamples=10"])
     assert generations == []
 
 
@@ -622,6 +681,25 @@ def test_compare_puts_another_runs_results_in_the_same_report(sweep, monkeypatch
     assert len(rows) == 1 + len(keys) and rows[0].startswith("run,method,label")
     print_report(report)
     assert "w-1.00-0.00 (extreme: length) [fake]" in capsys.readouterr().out
+
+    # the compared candidates are in the paired statistics: they answered the same prompts
+    fake = {c["label"]: c for c in report["candidates"] if c["method"] == "modpo"}
+    assert fake["w-0.50-0.50"]["scores"]["length"]["vs_reference"]["difference"] == pytest.approx(
+        fake["w-0.50-0.50"]["scores"]["length"]["mean"] - report["candidates"][0]["scores"]["length"]["mean"]
+    )
+    assert "modpo" in report["pareto"]["neighbours"]
+
+    # results without per-prompt scores (an older version's) cannot be paired: not compared, and the note says so
+    path = sweep / "eval" / "results.json"
+    old = json.loads(path.read_text())
+    for c in old["candidates"]:
+        for score in c["scores"].values():
+            del score["values"]
+    path.write_text(json.dumps(old))
+    report = evaluate_sweep(other, args)
+    assert {c["run"] for c in report["candidates"]} == {"moc_run"}
+    assert any("has no per-prompt scores" in n and "evaluate" in n for n in report["notes"])
+    evaluate_sweep(sweep)  # rebuilt from the cache
 
     # results on other prompts are not compared, and the note says why
     report = evaluate_sweep(other, [*args, "eval.num_prompts=2"])

@@ -116,3 +116,26 @@ def test_error_bars_are_drawn_only_when_they_do_not_hide_the_points(tmp_path):
     assert _error_bars([{"scores": [0.1, 0.2], "ci": None}]) == (False, None)
     points = [{"method": "m", "label": str(i), **p} for i, p in enumerate(wide)]
     assert plot_pareto(points, ["a", "b"], tmp_path / "wide.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_unresolved_neighbours_are_linked_in_the_panels_of_their_objective(tmp_path, monkeypatch):
+    from modpo_trl.evaluation import plots
+
+    drawn = {}
+    original = plots._draw_panel
+
+    def recording(ax, groups, styles, ix, iy, names, error_bars, links):
+        drawn[(ix, iy)] = [(a["label"], b["label"]) for a, b in links]
+        original(ax, groups, styles, ix, iy, names, error_bars, links)
+
+    monkeypatch.setattr(plots, "_draw_panel", recording)
+    points = _points(3)
+    # points 1 and 2 within noise on objective 2 (and, listed twice, on objective 0); 3 and 4 on objective 1
+    unresolved = [(1, 2, 2), (2, 1, 0), (3, 4, 1)]
+    plain = plot_pareto(points, ["a", "b", "c"], tmp_path / "plain.png").read_bytes()
+    linked = plot_pareto(points, ["a", "b", "c"], tmp_path / "linked.png", unresolved=unresolved).read_bytes()
+    assert plain != linked
+    pair_12, pair_34 = (points[1]["label"], points[2]["label"]), (points[3]["label"], points[4]["label"])
+    assert drawn == {(0, 1): [pair_12, pair_34], (0, 2): [pair_12], (1, 2): [pair_12, pair_34]}
+    with pytest.raises(ValueError, match=r"unresolved holds \(1, 99, 0\); valid: point indices 0\.\."):
+        plot_pareto(points, ["a", "b", "c"], tmp_path / "x.png", unresolved=[(1, 99, 0)])

@@ -23,7 +23,8 @@ def dpa_row(t: float, held_out: bool) -> dict:
         "parameter": {"angle": t},
         "held_out": held_out,
         "extreme": None,
-        "scores": {n: {"mean": s, "ci": 0.0, "n": 8} for n, s in scores.items()},
+        # the same score on each of 8 prompts: the report's paired bootstrap resamples per-prompt values
+        "scores": {n: {"mean": s, "ci": 0.0, "n": 8, "values": [s] * 8} for n, s in scores.items()},
     }
 
 

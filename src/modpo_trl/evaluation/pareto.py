@@ -8,7 +8,6 @@ better"). ``moocore`` minimises by default, so calls into it either pass
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import moocore
@@ -24,6 +23,7 @@ __all__ = [
     "hypervolume",
     "mean_ci",
     "non_dominated",
+    "rank_correlations",
 ]
 
 
@@ -129,19 +129,34 @@ def controllability(
         if len(set(names)) != n:
             raise ValueError(f"objective_names must be unique, got {names}")
 
-    result: dict[str, dict[str, float]] = {}
-    for i, name in enumerate(names):
-        x, y = w[:, i], s[:, i]
-        tau = rho = math.nan
-        # Correlation is undefined for constant input; check it ourselves rather than
-        # relying on scipy, which warns (ConstantInputWarning) before returning NaN.
-        if x.size >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tau = float(stats.kendalltau(x, y).statistic)
-                rho = float(stats.spearmanr(x, y).statistic)
-        result[name] = {"kendall_tau": tau, "spearman": rho}
-    return result
+    tau, rho = rank_correlations(w, s[None])
+    return {
+        name: {"kendall_tau": float(tau[0, i]), "spearman": float(rho[0, i])} for i, name in enumerate(names)
+    }
+
+
+def rank_correlations(weights: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kendall's tau-b and Spearman's rho, per objective, between ``weights`` (K, n) and each of a stack of
+    achieved scores ``scores`` (B, K, n) (B bootstrap resamples, or 1): two (B, n) arrays, equal to scipy's
+    ``kendalltau`` / ``spearmanr`` (average ranks for ties), NaN where the input is constant or K < 2.
+
+    Vectorised over B because the bootstrap asks for thousands of them."""
+    k = weights.shape[0]
+    i, j = np.triu_indices(k, 1)
+    sign_w = np.sign(weights[i] - weights[j])  # (pairs, n)
+    sign_s = np.sign(scores[:, i] - scores[:, j])  # (B, pairs, n)
+    untied_w = np.count_nonzero(sign_w, axis=0)  # pairs not tied in the weights
+    untied_s = np.count_nonzero(sign_s, axis=1)
+    rank_w = stats.rankdata(weights, axis=0)
+    rank_s = stats.rankdata(scores, axis=1)
+    rank_w = rank_w - rank_w.mean(axis=0)
+    rank_s = rank_s - rank_s.mean(axis=1, keepdims=True)
+    # Constant input (no untied pair) is undefined: NaN, as scipy returns (without its warning).
+    defined = (untied_w > 0) & (untied_s > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau = (sign_w * sign_s).sum(axis=1) / np.sqrt(untied_w * untied_s)
+        rho = (rank_w * rank_s).sum(axis=1) / np.sqrt((rank_w**2).sum(axis=0) * (rank_s**2).sum(axis=1))
+    return np.where(defined, tau, np.nan), np.where(defined, np.clip(rho, -1.0, 1.0), np.nan)
 
 
 def generalization(

@@ -6,9 +6,13 @@ Every candidate model (`modpo_trl.evaluation.candidates`: the method's own and t
 held-out prompts (`eval.prompts`) with the same sampling seed, and every objective's scorer
 (`objectives[i].scorer`, else its `reward`) scores the answers.
 
-Outputs in `<sweep dir>/eval/`: results.json, results.csv, pareto.png, samples.jsonl, and one cache file per
-candidate in candidates/ (responses and scores, keyed by fingerprints of the adapter, base model, prompts,
-sampling settings and scorer), so a re-run only generates or scores what changed.
+Every figure of the report comes with an interval over prompts (`modpo_trl.evaluation.bootstrap`): the means
+Student-t intervals, differences between candidates, hypervolumes and rank correlations paired bootstrap ones.
+
+Outputs in `<sweep dir>/eval/`: results.json, results.csv (per candidate), metrics.csv (the headline figures with
+their intervals), pareto.png, samples.jsonl, and one cache file per candidate in candidates/ (responses and
+scores, keyed by fingerprints of the adapter, base model, prompts, sampling settings and scorer), so a re-run
+only generates or scores what changed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .report import (
     compared_results,
     csv_text,
     finite,
+    metrics_csv_text,
     pareto_report,
     plot_results,
     samples_text,
@@ -87,6 +92,13 @@ def check_eval(recipe: Recipe) -> None:
         )
     if cfg.num_prompts < 1:
         raise RecipeError(f"eval.num_prompts={cfg.num_prompts} must be >= 1")
+    if not 0.0 < cfg.confidence < 1.0:
+        raise RecipeError(f"eval.confidence={cfg.confidence} must be in (0, 1), e.g. 0.95")
+    if cfg.bootstrap_resamples < 100:
+        raise RecipeError(
+            f"eval.bootstrap_resamples={cfg.bootstrap_resamples} must be >= 100: a percentile interval needs "
+            "hundreds of resamples (default 2000)"
+        )
     unknown = [b for b in cfg.baselines if b not in BASELINES]
     if unknown:
         raise RecipeError(f"eval.baselines has unknown entries {unknown}; valid: {list(BASELINES)}")
@@ -191,20 +203,27 @@ def evaluate_sweep(
     ok = [r for r in results if r["status"] == "ok"]
     pareto = None
     if len(names) >= 2 and ok:
-        pareto = pareto_report(results, names, recipe.eval.reference_point)
+        cfg = recipe.eval
+        pareto = pareto_report(
+            results, names, cfg.reference_point, cfg.confidence, cfg.bootstrap_resamples, cfg.seed
+        )
     elif len(names) < 2:
         notes.append("pareto: one objective, nothing to trade off; no front or plot")
-    front = set(pareto["non_dominated"]["all"]) if pareto else set()
-    for r in results:
-        r["non_dominated"] = f"{r['method']}/{r['label']}" in front
+    for r in results:  # pareto_report marks the candidates it compared
+        r.setdefault("non_dominated", False)
+        r.setdefault("front", None)
 
     files = {
         "results": eval_dir / "results.json",
         "csv": eval_dir / "results.csv",
         "samples": eval_dir / "samples.jsonl",
     }
+    if pareto:
+        files["metrics"] = eval_dir / "metrics.csv"
+    else:  # nor would an earlier run's metrics
+        (eval_dir / "metrics.csv").unlink(missing_ok=True)
     plot = plot_results(
-        results, names, eval_dir / "pareto.png", f"{recipe.run_name}: {len(prompts)} held-out prompts"
+        results, names, pareto, eval_dir / "pareto.png", f"{recipe.run_name}: {len(prompts)} held-out prompts"
     )
     if plot:
         files["plot"] = plot
@@ -227,6 +246,8 @@ def evaluate_sweep(
         }
     )
     write_atomic(files["csv"], csv_text(results, names))
+    if pareto:
+        write_atomic(files["metrics"], metrics_csv_text(report["pareto"]))
     write_atomic(files["samples"], samples_text(candidates, entries, prompts, plan.model_prompts))
     write_atomic(files["results"], json.dumps(report, indent=2) + "\n")
     return report

@@ -100,8 +100,20 @@ def _draw_panel(
     iy: int,
     objective_names: Sequence[str],
     error_bars: bool,
+    links: list[tuple[dict[str, Any], dict[str, Any]]],
 ) -> None:
-    """Draw every method's points, error bars, front and labels on one (x, y) pair of objectives."""
+    """Draw every method's points, error bars, front, labels and unresolved-neighbour links on one (x, y) pair
+    of objectives."""
+    for a, b in links:
+        ax.plot(
+            [a["scores"][ix], b["scores"][ix]],
+            [a["scores"][iy], b["scores"][iy]],
+            linestyle=(0, (1.5, 1.5)),
+            color=styles[a["method"]][1],
+            linewidth=1.8,
+            alpha=0.85,
+            zorder=3,
+        )
     all_x = [q["scores"][ix] for pts in groups.values() for q in pts]
     # Labels of points in the right part of the panel go to their left, so they stay inside the figure.
     flip_at = min(all_x) + 0.6 * (max(all_x) - min(all_x))
@@ -163,6 +175,7 @@ def plot_pareto(
     objective_names: list[str],
     path: str | Path,
     title: str | None = None,
+    unresolved: Sequence[tuple[int, int, int]] = (),
 ) -> Path:
     """Plot per-method score points and their non-dominated fronts to a PNG at ``path``.
 
@@ -171,10 +184,18 @@ def plot_pareto(
     bars). Two objectives give one panel; three or more give one panel per pair of
     objectives with a shared legend. Each method with more than one point gets its
     non-dominated front (in that panel's projection) drawn as a staircase. All
-    objectives are "higher is better". The file is written atomically and its path
-    returned.
+    objectives are "higher is better". ``unresolved`` holds ``(i, j, k)``: points i and
+    j are neighbouring weightings whose order on objective k is within noise; they are
+    linked by a dotted line in the panels that show objective k. The file is written
+    atomically and its path returned.
     """
     pts = _validate(points, objective_names)
+    for i, j, k in unresolved:
+        if not (0 <= i < len(pts) and 0 <= j < len(pts) and 0 <= k < len(objective_names)):
+            raise ValueError(
+                f"unresolved holds ({i}, {j}, {k}); valid: point indices 0..{len(pts) - 1}, objective indices "
+                f"0..{len(objective_names) - 1}"
+            )
     names = [str(n) for n in objective_names]
     out = Path(path)
 
@@ -198,7 +219,9 @@ def plot_pareto(
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     error_bars, median_ci = _error_bars(pts)
     for ax, (ix, iy) in zip(axes, pairs, strict=False):
-        _draw_panel(ax, groups, styles, ix, iy, names, error_bars)
+        shown = {(min(i, j), max(i, j)) for i, j, k in unresolved if k in (ix, iy)}
+        links = [(pts[i], pts[j]) for i, j in sorted(shown)]
+        _draw_panel(ax, groups, styles, ix, iy, names, error_bars, links)
     for ax in axes[len(pairs) :]:
         ax.set_visible(False)
 
@@ -208,6 +231,8 @@ def plot_pareto(
     elif median_ci is not None:
         typical = ", ".join(f"\u00b1{c:.2g} {n}" for c, n in zip(median_ci, names, strict=True))
         heading += f"\n95% CI over prompts, median: {typical} (too wide to draw)"
+    if unresolved:
+        heading += "\ndotted: neighbouring weightings whose order is within noise (paired interval)"
     if len(pairs) == 1:
         axes[0].set_title(heading, fontsize=10)
         axes[0].legend(loc="best", fontsize=8, framealpha=0.85)

@@ -209,11 +209,15 @@ class EvalConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     batch_size: int = 16
-    seed: int = 0
+    seed: int = 0  # sampling (do_sample: true) and bootstrap seed
     backend: str = "auto"  # auto (vLLM when installed), transformers, vllm
     reference_point: list[float] | None = (
         None  # hypervolume reference; default: see pareto.default_reference_point
     )
+    # Intervals: every mean gets its Student-t interval; every difference between candidates, hypervolume and
+    # rank correlation a paired bootstrap interval over prompts (`bootstrap_resamples` draws, seeded by `seed`).
+    confidence: float = 0.95
+    bootstrap_resamples: int = 2000
     baselines: list[str] = field(default_factory=lambda: ["reference", "rewarded_soups"])
     # Other runs' folders whose eval/results.json join this report and plot (e.g. a MOC run compared with the
     # MODPO sweep); only results made on the same prompts, objectives and sampling settings are compared.
