@@ -16,9 +16,7 @@ from safetensors.torch import load_file
 
 from modpo_trl import generation
 from modpo_trl.evaluate import main
-from modpo_trl.evaluation import generators
 from modpo_trl.evaluation.candidates import rewarded_soups
-from modpo_trl.evaluation.generators import TransformersGenerator
 from modpo_trl.evaluation.pipeline import evaluate_sweep
 from modpo_trl.evaluation.report import print_report
 from modpo_trl.evaluation.responses import generation_fingerprint
@@ -26,6 +24,8 @@ from modpo_trl.generation import SamplingSettings, generate_texts
 from modpo_trl.runs.method import Candidate, Method
 from modpo_trl.runs.methods import METHODS
 from modpo_trl.runs.recipe import RecipeError, load_recipe
+from modpo_trl.serving import generators
+from modpo_trl.serving.generators import TransformersGenerator
 from modpo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

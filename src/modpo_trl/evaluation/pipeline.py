@@ -23,9 +23,9 @@ from ..runs.data import load_prompts
 from ..runs.engine import MANIFEST
 from ..runs.recipe import Recipe, RecipeError, load_recipe
 from ..runs.rewards import build_reward
+from ..serving.generators import choose_backend, sampling_settings
 from ..storage import write_atomic
 from .candidates import BASELINES, build_candidates
-from .generators import choose_backend, sampling_settings
 from .report import (
     EVAL_DIR,
     candidate_result,

@@ -23,8 +23,8 @@ from ..rewards.cache import fingerprint, path_fingerprint
 from ..rewards.sources import check_scores
 from ..runs.method import Candidate
 from ..runs.recipe import Recipe
+from ..serving.generators import TransformersGenerator, VLLMGenerator, lora_rank
 from ..storage import write_atomic
-from .generators import TransformersGenerator, VLLMGenerator, lora_rank
 
 
 def generation_fingerprint(
