@@ -167,9 +167,9 @@ def generations(monkeypatch):
     seen = []
     original = TransformersGenerator.generate
 
-    def counting(self, prompts, adapter=None, soup=None, desc="Generating"):
+    def counting(self, prompts, desc="Generating", **kwargs):
         seen.append(desc.removeprefix("Generating "))
-        return original(self, prompts, adapter=adapter, soup=soup, desc=desc)
+        return original(self, prompts, desc=desc, **kwargs)
 
     monkeypatch.setattr(TransformersGenerator, "generate", counting)
     return seen
@@ -288,19 +288,22 @@ def test_soup_is_the_linear_interpolation_of_the_adapters(sweep):
     expected_logits = expected(x).logits
 
     generator = TransformersGenerator(recipe, SamplingSettings(), device="cpu")
-    with generator._activated(None, [(str(a), c[0]), (str(b), c[1])]) as model:
+    soup = [(str(a), c[0]), (str(b), c[1])]
+    with generator._activated(None, soup) as model:
         soup_logits = model(x).logits
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
         key = "base_model.model.model.layers.0.self_attn.q_proj"
         assert torch.allclose(
-            layer.get_delta_weight(generators.SOUP), c[0] * delta_a[key] + c[1] * delta_b[key], atol=1e-6
+            layer.get_delta_weight(generator._soup(soup)),
+            c[0] * delta_a[key] + c[1] * delta_b[key],
+            atol=1e-6,
         )
     assert torch.allclose(soup_logits, expected_logits, atol=1e-5)
-    assert not torch.allclose(soup_logits, generator.model.get_base_model()(x).logits, atol=1e-3)
-    assert generators.SOUP not in generator.model.peft_config  # removed after use
+    with generator.model.disable_adapter():
+        assert not torch.allclose(soup_logits, generator.model(x).logits, atol=1e-3)
 
     # written to disk (how the vLLM backend serves a soup), it is an ordinary adapter of rank r_a + r_b
-    folder = generator.save_soup([(str(a), c[0]), (str(b), c[1])], sweep / "soup")
+    folder = generator.save_soup(soup, sweep / "soup")
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2 * LORA_R
     with generator._activated(str(folder), None) as model:
         assert torch.allclose(model(x).logits, expected_logits, atol=1e-5)
@@ -316,7 +319,7 @@ def test_soup_is_the_linear_interpolation_of_the_adapters(sweep):
 def test_extremes_and_coefficients_for_three_objectives():
     grid = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.5, 0.25, 0.25], [0.8, 0.1, 0.1]]
     modpo = [Candidate("modpo", f"p{i}", weights=w, adapter=f"/a/p{i}") for i, w in enumerate(grid)]
-    soups, notes = rewarded_soups(modpo, ["a", "b", "c"])
+    soups, notes = interpolated(modpo, ["a", "b", "c"], "rewarded_soups")
     assert [m.extreme for m in modpo] == ["a", "b", "c", None, None]
     assert {s.label: dict(s.soup) for s in soups} == {
         "p3": pytest.approx({"/a/p1": 0.5, "/a/p2": 0.5}),
