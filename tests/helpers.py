@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from modpo_trl.evaluation.candidates import method_candidates
 from modpo_trl.runs.engine import execute, make_plan, print_plan
 from modpo_trl.runs.method import Candidate
 from modpo_trl.runs.methods import method_of
 from modpo_trl.runs.recipe import Recipe
+from modpo_trl.serving.front import method_candidates
 
 
 def train_recipe(recipe: Recipe, dry_run: bool = False) -> dict[str, Any] | None:

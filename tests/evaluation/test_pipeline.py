@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from modpo_trl import generation
 from modpo_trl.evaluate import main
-from modpo_trl.evaluation.candidates import rewarded_soups
+from modpo_trl.evaluation.candidates import interpolated
 from modpo_trl.evaluation.pipeline import evaluate_sweep
 from modpo_trl.evaluation.report import print_report
 from modpo_trl.evaluation.responses import generation_fingerprint
@@ -24,7 +24,7 @@ from modpo_trl.generation import SamplingSettings, generate_texts
 from modpo_trl.runs.method import Candidate, Method
 from modpo_trl.runs.methods import METHODS
 from modpo_trl.runs.recipe import RecipeError, load_recipe
-from modpo_trl.serving import generators
+from modpo_trl.serving import generators, mod
 from modpo_trl.serving.generators import TransformersGenerator
 from modpo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
@@ -331,8 +331,56 @@ def test_extremes_and_coefficients_for_three_objectives():
         Candidate("modpo", f"q{i}", weights=w, adapter="x")
         for i, w in enumerate(grid[:3] + [[0.2, 0.4, 0.4]])
     ]
-    soups, notes = rewarded_soups(outside, ["a", "b", "c"])
+    soups, notes = interpolated(outside, ["a", "b", "c"], "rewarded_soups")
     assert soups == [] and "q3" in notes[0] and "outside" in notes[0]
+
+
+# --------------------------------------------------------------------------------------------------- MOD
+def test_mod_baseline_mixes_the_extremes_at_every_weighting(sweep, generations):
+    """`mod` (no training): the extremes' next-token log-probs mixed with the weighting's barycentric
+    coordinates, on the same report as MODPO and Rewarded Soups, cached like every candidate."""
+    report = evaluate_sweep(sweep, ["eval.baselines=[reference, rewarded_soups, mod]"])
+    assert generations == [*KEYS, "mod-w-0.50-0.50"]
+    by_key = {f"{c['method']}-{c['label']}": c for c in report["candidates"]}
+    mod = by_key["mod-w-0.50-0.50"]
+    assert mod["status"] == "ok" and mod["soup"] is None and mod["weights"] == [0.5, 0.5]
+    assert [m["adapter"] for m in mod["mixture"]] == ["w-1.00-0.00", "w-0.20-0.80"]
+    assert [m["weight"] for m in mod["mixture"]] == pytest.approx([0.375, 0.625])
+    pareto = report["pareto"]
+    assert set(pareto["hypervolume"]) == {"reference", "modpo", "rewarded_soups", "mod"}
+    assert set(pareto["controllability"]) == {"modpo", "rewarded_soups", "mod"}
+    # like the soups, the mixtures' point set holds the shared extremes
+    assert set(pareto["non_dominated"]["mod"]) <= {"w-0.50-0.50", "w-1.00-0.00", "w-0.20-0.80"}
+
+    recipe = load_recipe(sweep / "recipe.yaml")
+    generator = TransformersGenerator(recipe, generators.sampling_settings(recipe.eval), device="cpu")
+    mixture = [(str(sweep / "w-1.00-0.00"), 0.375), (str(sweep / "w-0.20-0.80"), 0.625)]
+    expected = generator.generate([[{"role": "user", "content": p}] for p in PROMPTS], mixture=mixture)
+    samples = [json.loads(line) for line in (sweep / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [s["response"] for s in samples if s["method"] == "mod"] == expected
+
+    generations.clear()
+    evaluate_sweep(sweep, ["eval.baselines=[reference, rewarded_soups, mod]"])
+    assert generations == []
+
+
+def test_mod_fingerprint_covers_rule_adapters_and_weights(sweep, monkeypatch):
+    recipe = load_recipe(sweep / "recipe.yaml")
+    settings = generators.sampling_settings(recipe.eval)
+    a, b, c = (str(sweep / tag) for tag in TAGS)
+
+    def fp(**fields):
+        return generation_fingerprint(
+            recipe, Candidate("mod", "x", **fields), PROMPTS, settings, "transformers"
+        )
+
+    base = fp(mixture=[(a, 0.5), (c, 0.5)])
+    assert fp(mixture=[(a, 0.5), (c, 0.5)]) == base
+    assert fp(soup=[(a, 0.5), (c, 0.5)]) != base  # the same coefficients interpolating weights
+    assert fp(mixture=[(a, 0.4), (c, 0.6)]) != base
+    assert fp(mixture=[(b, 0.5), (c, 0.5)]) != base
+    monkeypatch.setattr(mod, "RULE", "forward_kl")
+    assert fp(mixture=[(a, 0.5), (c, 0.5)]) != base
 
 
 # -------------------------------------------------------------------------------------------------- resume

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..runs.method import Candidate
 from ..runs.recipe import Recipe
+from .candidates import INTERPOLATIONS
 from .pareto import (
     controllability,
     default_reference_point,
@@ -98,8 +99,9 @@ def pareto_report(
     sets: dict[str, list[dict]] = {}
     for r in ok:
         sets.setdefault(r["method"], []).append(r)
-    if "rewarded_soups" in sets:  # the soup at an extreme's weighting is the extreme itself
-        sets["rewarded_soups"] += [r for r in sets.get("modpo", []) if r["extreme"]]
+    for method in INTERPOLATIONS:  # a soup or MOD mixture at an extreme's weighting is the extreme itself
+        if method in sets:
+            sets[method] += [r for r in sets.get("modpo", []) if r["extreme"]]
 
     def means(rows: list[dict]) -> np.ndarray:
         return np.array([[r["scores"][n]["mean"] for n in names] for r in rows])
@@ -205,12 +207,13 @@ def plot_results(results: list[dict], names: list[str], path: Path, title: str) 
         }
         for r in ok
     ]
-    if any(r["method"] == "rewarded_soups" for r in ok):  # close the soups' front with the shared extremes
-        points += [
-            {**p, "method": "rewarded_soups", "label": "", "ci": None}
-            for p, r in zip(points, ok, strict=True)
-            if r["extreme"]
-        ]
+    for method in INTERPOLATIONS:  # close the soups' and mixtures' fronts with the shared extremes
+        if any(r["method"] == method for r in ok):
+            points += [
+                {**p, "method": method, "label": "", "ci": None}
+                for p, r in zip(points[: len(ok)], ok, strict=True)
+                if r["extreme"]
+            ]
     return plot_pareto(points, names, path, title=title)
 
 
