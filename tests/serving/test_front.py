@@ -133,6 +133,10 @@ def test_requests_are_checked_before_the_model_loads(sweep, no_model):
         front.generate(PROMPTS, [0.5, 0.5], top_k=3)
     with pytest.raises(ValueError, match="temperature=0.0 must be > 0"):
         front.generate(PROMPTS, [0.5, 0.5], temperature=0.0)
+    with pytest.raises(ValueError, match="prompts must be a list of prompts"):
+        front.generate("why", [0.5, 0.5])
+    with pytest.raises(ValueError, match="prompts must be a list of prompts"):
+        front.generate([{"role": "user", "content": "why"}], [0.5, 0.5])  # one conversation, not in a list
     with pytest.raises(RecipeError, match="does not exist"):
         ParetoSet(sweep / "missing")
 

@@ -193,6 +193,11 @@ class ParetoSet:
     ) -> list[str]:
         """One response per prompt (a string, or a list of chat messages) at the preference `weights`; `sampling`
         overrides the recipe's sampling settings (e.g. `do_sample=False`, `max_new_tokens=128`, `seed=1`)."""
+        if isinstance(prompts, str) or not all(isinstance(p, str | list) for p in prompts):
+            raise ValueError(
+                "prompts must be a list of prompts, each a text or a list of chat messages, e.g. ['Hello.'] or "
+                "[[{'role': 'user', 'content': 'Hello.'}]]"
+            )
         candidate = self.candidate(weights, strategy)
         settings = self.sampling(**sampling)
         model_prompts = [candidate.prompt_fn(p) for p in prompts] if candidate.prompt_fn else list(prompts)
