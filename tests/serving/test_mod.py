@@ -6,21 +6,21 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from transformers import GenerationConfig
 
 from modpo_trl.generation import SamplingSettings, encode_prompt, generate_texts
-from modpo_trl.serving.mod import MODDecoder, mix_log_probs, warpers
+from modpo_trl.serving.mod import MODDecoder, mix_log_probs, plain_lora, warpers
 from modpo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
 PROMPTS = ["hello", "tell me a story about a big red dog", [{"role": "user", "content": "why"}]]
 
 
-@pytest.fixture(scope="module")
-def two_adapters():
-    """A tiny PeftModel with adapters "p" and "q" (random, large enough to change what it says; LoRA dropout
-    0.05, which eval mode turns off)."""
+def adapters_p_and_q(**lora):
+    """A tiny PeftModel with adapters "p" and "q" (random, large enough to change what it says), in eval mode."""
     tokenizer = tiny_tokenizer()
-    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **lora)
     model = get_peft_model(tiny_causal_lm(tokenizer, seed=0), LoraConfig(**config), adapter_name="p")
     model.add_adapter("q", LoraConfig(**config))
     torch.manual_seed(0)
@@ -29,6 +29,11 @@ def two_adapters():
             if "lora_B" in name:
                 param.normal_(0.0, 2.0)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def two_adapters():
+    return adapters_p_and_q(lora_dropout=0.05)  # dropout, which eval mode turns off
 
 
 def batch(tokenizer, prompts):
@@ -131,3 +136,26 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"applies temperature, top_k and top_p only.*repetition_penalty"):
         warpers(config)
     assert len(warpers(GenerationConfig(do_sample=True, repetition_penalty=1.0))) == 1  # neutral: top_k 50
+
+
+def test_plain_lora_layers_take_the_sliced_path_and_others_peft_mixed_batches(two_adapters):
+    """Plain LoRA layers are routed by slicing the stacked batch; adapters that also train a module (here the LM
+    head) go through peft's mixed-adapter batches, and decode exactly as `generate` does too."""
+    assert plain_lora([m for m in two_adapters[0].modules() if isinstance(m, LoraLayer)], {"p", "q"})
+    model, tokenizer = adapters_p_and_q(modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["q"].weight.mul_(3.0)  # q's own head
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer | AuxiliaryTrainingWrapper)]
+    assert not plain_lora(layers, {"p", "q"})
+    settings = SamplingSettings(max_new_tokens=6, do_sample=False, batch_size=3)
+    model.set_adapter("q")
+    expected = generate_texts(model, tokenizer, PROMPTS, settings)
+    decoder = MODDecoder(["p", "q"], [0.0, 1.0])
+    assert generate_texts(model, tokenizer, PROMPTS, settings, decode=decoder) == expected
+    model.set_adapter("p")
+    assert generate_texts(model, tokenizer, PROMPTS, settings) != expected
+    dora, _ = adapters_p_and_q(use_dora=True)  # peft has no mixed batches for DoRA: a clear refusal
+    with pytest.raises(ValueError, match="DoRA"):
+        MODDecoder(["p", "q"], [0.5, 0.5])(
+            dora, *batch(tokenizer, PROMPTS), GenerationConfig(max_new_tokens=2)
+        )

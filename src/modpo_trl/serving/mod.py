@@ -9,9 +9,9 @@ and beta (what DPO and MODPO train), `pi_i ∝ pi_ref exp(r_i / beta)`, then for
 
 No training: the adapters of a sweep give a front at any `w` in their weightings' convex hull.
 
-All K adapters run in ONE forward per token: the batch is stacked K times and peft's mixed-adapter batches
-(`adapter_names=`) route each copy through its own adapter, while the base weights are read once; one KV cache
-holds the K copies. Sampling (temperature, top-k, top-p, seed) is applied to the mixed distribution as
+All K adapters run in ONE forward per token: the batch is stacked K times and every LoRA layer routes copy i
+through adapter i (`routed`: a slice of the batch per adapter for plain LoRA layers, peft's mixed-adapter batches
+otherwise), while the base weights are read once; one KV cache holds the K copies. Sampling (temperature, top-k, top-p, seed) is applied to the mixed distribution as
 `model.generate` applies it to one model's, so a mixture with all weight on one adapter decodes exactly as that
 adapter does.
 """
@@ -19,10 +19,16 @@ adapter does.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from transformers import (
     DynamicCache,
     GenerationConfig,
@@ -144,37 +150,111 @@ class MODDecoder:
         cache_arg = _cache_argument(model)
         step_ids, out_ids = input_ids.repeat(k, 1), input_ids
         finished = torch.zeros(b, dtype=torch.bool, device=device)
-        for step in range(config.max_new_tokens):
-            logits = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                adapter_names=rows,
-                **{cache_arg: cache},
-            ).logits[:, -1]
-            if step == 0 and cache.get_seq_length() != width:
-                raise RuntimeError(
-                    f"{type(model).__name__} did not fill the KV cache passed as `{cache_arg}`"
-                )
-            scores = mix_log_probs(logits.view(k, b, -1), weights)
-            if self.keep_scores:
-                self.scores.append(scores.clone())
-            scores = process(out_ids, scores)
-            if config.do_sample:
-                tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                tokens = torch.argmax(scores, dim=-1)
-            tokens = torch.where(finished, torch.full_like(tokens, config.pad_token_id), tokens)
-            out_ids = torch.cat([out_ids, tokens[:, None]], dim=-1)
-            finished |= torch.isin(tokens, eos)
-            if bool(finished.all()):
-                break
-            step_ids = tokens.repeat(k)[:, None]
-            mask = torch.cat([mask, mask.new_ones(k * b, 1)], dim=-1)
-            positions = positions[:, -1:] + 1
+        with routed(model, rows):
+            for step in range(config.max_new_tokens):
+                logits = model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{cache_arg: cache},
+                ).logits[:, -1]
+                if step == 0 and cache.get_seq_length() != width:
+                    raise RuntimeError(
+                        f"{type(model).__name__} did not fill the KV cache passed as `{cache_arg}`"
+                    )
+                scores = mix_log_probs(logits.view(k, b, -1), weights)
+                if self.keep_scores:
+                    self.scores.append(scores.clone())
+                scores = process(out_ids, scores)
+                if config.do_sample:
+                    tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    tokens = torch.argmax(scores, dim=-1)
+                tokens = torch.where(finished, torch.full_like(tokens, config.pad_token_id), tokens)
+                out_ids = torch.cat([out_ids, tokens[:, None]], dim=-1)
+                finished |= torch.isin(tokens, eos)
+                if bool(finished.all()):
+                    break
+                step_ids = tokens.repeat(k)[:, None]
+                mask = torch.cat([mask, mask.new_ones(k * b, 1)], dim=-1)
+                positions = positions[:, -1:] + 1
         return out_ids
+
+
+@contextmanager
+def routed(model: PeftModel, rows: Sequence[str]) -> Iterator[None]:
+    """Inside the block, every LoRA layer of `model` sends row i of its input through the adapter `rows[i]`.
+
+    Plain LoRA layers (no DoRA or other variant, no extra trained modules): the adapters are disabled, so each
+    layer gives its base output, and a hook adds each run of equal `rows` its adapter's `B A x * scaling`, as
+    peft's own forward computes it, on a slice of the batch. Otherwise peft's mixed-adapter batches
+    (`adapter_names`), which handle every variant with a gather and scatter per layer. Either way the hooks are
+    added once for the whole decoding, not around every forward call as `model(..., adapter_names=rows)` does."""
+    if not isinstance(model, PeftModel):
+        raise ValueError(
+            f"MOD decoding mixes LoRA adapters: it needs a PeftModel, not {type(model).__name__}"
+        )
+    unknown = sorted(set(rows) - set(model.peft_config))
+    if unknown:
+        raise ValueError(f"MOD: no adapter {unknown} in the model; it has {sorted(model.peft_config)}")
+    if model.training:
+        raise ValueError("MOD decoding needs the model in eval mode (dropout off): call model.eval()")
+    rows = list(rows)
+    blocks = _blocks(rows)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer | AuxiliaryTrainingWrapper)]
+    if plain_lora(layers, set(rows)):
+        handles = [layer.register_forward_hook(partial(_add_blocks, blocks=blocks)) for layer in layers]
+        context = model.disable_adapter()
+    else:
+        route = partial(_with_adapter_names, adapter_names=rows)
+        handles = [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in layers]
+        context = nullcontext()
+    try:
+        with context:
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def plain_lora(layers: Sequence[torch.nn.Module], names: set[str]) -> bool:
+    """Whether every layer holding one of the adapters `names` is a plain LoRA layer for them: `B A x * scaling`
+    added to its base output (no variant such as DoRA, no embedding LoRA, no extra trained module)."""
+    for layer in layers:
+        if isinstance(layer, AuxiliaryTrainingWrapper):
+            return False
+        variants = set(getattr(layer, "lora_variant", {}))
+        if names & (set(layer.lora_embedding_A) | variants):
+            return False
+    return True
+
+
+def _blocks(rows: list[str]) -> list[tuple[str, int, int]]:
+    """`(adapter, start, end)` of each run of equal `rows`."""
+    blocks, start = [], 0
+    for name, run in itertools.groupby(rows):
+        end = start + len(list(run))
+        blocks.append((name, start, end))
+        start = end
+    return blocks
+
+
+def _add_blocks(
+    layer: LoraLayer, args: tuple, output: torch.Tensor, blocks: list[tuple[str, int, int]]
+) -> torch.Tensor:
+    x = args[0]
+    for name, start, end in blocks:
+        if name in layer.lora_A:  # an adapter that does not target this layer leaves it as it is
+            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+            delta = lora_b(lora_a(x[start:end].to(lora_a.weight.dtype))) * layer.scaling[name]
+            output[start:end] += delta.to(output.dtype)
+    return output
+
+
+def _with_adapter_names(module: torch.nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    return args, {**kwargs, "adapter_names": adapter_names}
 
 
 def _cache_argument(model: PreTrainedModel) -> str:
