@@ -1,6 +1,7 @@
-"""What MODPO costs next to TRL's DPO, and what the score cache saves in a sweep.
+"""What MODPO costs next to TRL's DPO, what the score cache saves in a sweep, and what serving at a preference
+costs.
 
-    python benchmarks/bench.py --size {smoke,cpu,gpu} [--out benchmarks/results] [--parts step,sweep,scale]
+    python benchmarks/bench.py --size {smoke,cpu,gpu} [--out benchmarks/results] [--parts step,sweep,scale,serve]
                                [--threads N] [--checkpoint-dir DIR]
 
 Sizes: ``smoke`` (the tiny models of ``modpo_trl.testing``, seconds; the test-suite runs it), ``cpu`` (a 7.4M
@@ -16,6 +17,8 @@ memory, the report), each in its own module:
 * ``sweep`` (``sweep_cost.py``): a K-weighting sweep with the shared score cache against one without.
 * ``scale`` (``gpu_scale.py``, ``--size gpu`` only): MODPO with QLoRA on a Llama-2-7B-shaped model: peak memory
   and step time up the batch sizes, and (a) against (b).
+* ``serve`` (``serving_cost.py``): per-token decoding cost of MOD with K = 1, 2, 3 adapters against one adapter,
+  and the time to build a Rewarded Soup.
 
 Results: ``<size>-<timestamp>.json``, ``<size>-latest.json`` and ``<size>-latest.md`` under ``--out``.
 """
@@ -41,12 +44,18 @@ from transformers.utils import logging as transformers_logging
 
 import gpu_scale
 import harness
+import serving_cost
 import step_cost
 import sweep_cost
 from harness import SIZES, Context
 from modpo_trl.storage import default_cache_dir, write_atomic
 
-PARTS = {"step": step_cost, "sweep": sweep_cost, "scale": gpu_scale}  # each: measure, markdown, TARGETS
+PARTS = {
+    "step": step_cost,
+    "sweep": sweep_cost,
+    "scale": gpu_scale,
+    "serve": serving_cost,
+}  # each: measure, markdown, TARGETS
 TARGETS = {name: target for part in PARTS.values() for name, target in part.TARGETS.items()}
 
 
@@ -126,6 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["sweep"] = sweep_cost.measure(ctx)
         if "scale" in args.parts:
             results["scale"] = gpu_scale.measure(ctx, args.checkpoint_dir)
+        if "serve" in args.parts:
+            results["serve"] = serving_cost.measure(ctx)
     report.update(
         settings=harness.settings(ctx),
         methods=harness.methods(spec),

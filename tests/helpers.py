@@ -9,12 +9,12 @@ from typing import Any
 import torch
 import transformers
 
-from modpo_trl.evaluation.candidates import method_candidates
 from modpo_trl.runs import models
 from modpo_trl.runs.engine import execute, make_plan, print_plan
 from modpo_trl.runs.method import Candidate
 from modpo_trl.runs.methods import method_of
 from modpo_trl.runs.recipe import Recipe
+from modpo_trl.serving.front import method_candidates
 from modpo_trl.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

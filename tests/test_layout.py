@@ -1,7 +1,8 @@
 """The package's layers import only downwards, and no module reaches into another's private names.
 
 storage, loading, offline, generation, testing     (bottom: no package imports but each other)
-conditioning  <  rewards  <  trainers  <  runs  <  evaluation  <  train / evaluate / reward_modeling (CLIs)
+conditioning  <  rewards  <  trainers  <  runs  <  serving  <  evaluation
+    <  train / evaluate / generate / reward_modeling (CLIs)
 """
 
 import ast
@@ -15,13 +16,14 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "modpo_trl"
 ABOVE = {
-    "bottom": ("conditioning", "rewards", "trainers", "runs", "evaluation"),
-    "conditioning": ("rewards", "trainers", "runs", "evaluation"),
-    "rewards": ("trainers", "runs", "evaluation"),
-    "trainers": ("runs", "evaluation"),
-    "runs": ("evaluation",),
+    "bottom": ("conditioning", "rewards", "trainers", "runs", "serving", "evaluation"),
+    "conditioning": ("rewards", "trainers", "runs", "serving", "evaluation"),
+    "rewards": ("trainers", "runs", "serving", "evaluation"),
+    "trainers": ("runs", "serving", "evaluation"),
+    "runs": ("serving", "evaluation"),
+    "serving": ("evaluation",),
 }
-CLIS = ("modpo_trl.train", "modpo_trl.evaluate", "modpo_trl.reward_modeling")
+CLIS = ("modpo_trl.train", "modpo_trl.evaluate", "modpo_trl.generate", "modpo_trl.reward_modeling")
 # Imports inside functions only for optional dependencies that are not installed everywhere.
 OPTIONAL = ("vllm", "vaderSentiment")
 

@@ -10,13 +10,16 @@ the same sampling noise and their differences come from the weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+# (model, left-padded input ids, attention mask, generation config) -> input ids followed by the new tokens
+Decode = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor, GenerationConfig], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,15 +71,24 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
+def hf_generate(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig
+) -> torch.Tensor:
+    """transformers' `model.generate`."""
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
 def generate_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str | list[dict[str, Any]]],
     settings: SamplingSettings,
     desc: str = "Generating",
+    decode: Decode = hf_generate,
 ) -> list[str]:
-    """One response per prompt: left-padded batches through `model.generate`, each seeded with
-    `settings.seed + batch index`; the text stops before the first end-of-sequence token."""
+    """One response per prompt: left-padded batches through `decode` (`model.generate`, or another decoding
+    rule such as `modpo_trl.serving.mod`'s), each seeded with `settings.seed + batch index`; the text stops
+    before the first end-of-sequence token."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
@@ -94,7 +106,7 @@ def generate_texts(
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in batch], device=model.device)
         torch.manual_seed(settings.seed + index)
         with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+            out = decode(model, input_ids, mask, config)
         for row in out[:, width:].tolist():
             end = next((i for i, token in enumerate(row) if token in eos), len(row))
             texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))

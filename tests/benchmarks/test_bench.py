@@ -25,14 +25,19 @@ def test_smoke_writes_json_and_markdown(smoke):
         "targets",
         "wall_s",
     } <= set(saved)
-    assert set(saved["results"]) == {"step", "sweep"}  # no scale part at this size
+    assert set(saved["results"]) == {"step", "sweep", "serve"}  # no scale part at this size
     assert {"cpu", "cores", "gpu", "torch_threads", "load_average_at_end"} <= set(saved["machine"])
     assert {"torch", "transformers", "trl", "peft", "modpo_trl"} <= set(saved["versions"])
     assert saved["settings"]["seq_len"] == 48 and saved["settings"]["batch"] == 2
     text = (out / "smoke-latest.md").read_text()
     headings = [line for line in text.splitlines() if line.startswith("#")]
     assert headings[0].startswith("# modpo_trl benchmark: `--size smoke`")
-    assert headings[1:] == ["## Per-step cost", "## Sweep cost (K=2, 4 pairs, 1 epoch per run)", "## Targets"]
+    assert headings[1:] == [
+        "## Per-step cost",
+        "## Sweep cost (K=2, 4 pairs, 1 epoch per run)",
+        "## Serving cost (batch 2, 12 prompt tokens, 4 new tokens, LoRA r=8, alpha=16, q/k/v/o)",
+        "## Targets",
+    ]
     assert "| modpo/dpo |" in text and "| on_the_fly/modpo |" in text and "| moc_mgda/moc_linear |" in text
 
 
@@ -46,6 +51,7 @@ def test_smoke_reports_every_target(smoke):
             "modpo_vs_dpo_peak_memory",
             "sweep_cached_vs_uncached",
             "qlora_7b_peak_gib",
+            "mod_k2_vs_one_adapter_per_token",
         ]
     )
     assert targets["qlora_7b_peak_gib"]["met"] is None  # no GPU part at this size
@@ -64,7 +70,10 @@ def test_targets_without_results_are_unmeasured():
 def test_bad_arguments_fail_before_any_work(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--size", "cpu", "--parts", "sweep,nope"])
-    assert "--parts ['nope'] is not valid for --size cpu; valid: ['step', 'sweep']" in capsys.readouterr().err
+    assert (
+        "--parts ['nope'] is not valid for --size cpu; valid: ['step', 'sweep', 'serve']"
+        in capsys.readouterr().err
+    )
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             bench.main(["--size", "gpu"])

@@ -16,9 +16,7 @@ from safetensors.torch import load_file
 
 from modpo_trl import generation
 from modpo_trl.evaluate import main
-from modpo_trl.evaluation import generators
-from modpo_trl.evaluation.candidates import rewarded_soups
-from modpo_trl.evaluation.generators import TransformersGenerator
+from modpo_trl.evaluation.candidates import interpolated
 from modpo_trl.evaluation.pipeline import evaluate_sweep
 from modpo_trl.evaluation.report import print_report
 from modpo_trl.evaluation.responses import generation_fingerprint
@@ -26,6 +24,8 @@ from modpo_trl.generation import SamplingSettings, generate_texts
 from modpo_trl.runs.method import Candidate, Method
 from modpo_trl.runs.methods import METHODS
 from modpo_trl.runs.recipe import RecipeError, load_recipe
+from modpo_trl.serving import generators, mod
+from modpo_trl.serving.generators import TransformersGenerator
 from modpo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,9 +167,9 @@ def generations(monkeypatch):
     seen = []
     original = TransformersGenerator.generate
 
-    def counting(self, prompts, adapter=None, soup=None, desc="Generating"):
+    def counting(self, prompts, desc="Generating", **kwargs):
         seen.append(desc.removeprefix("Generating "))
-        return original(self, prompts, adapter=adapter, soup=soup, desc=desc)
+        return original(self, prompts, desc=desc, **kwargs)
 
     monkeypatch.setattr(TransformersGenerator, "generate", counting)
     return seen
@@ -343,19 +343,22 @@ def test_soup_is_the_linear_interpolation_of_the_adapters(sweep):
     expected_logits = expected(x).logits
 
     generator = TransformersGenerator(recipe, SamplingSettings(), device="cpu")
-    with generator._activated(None, [(str(a), c[0]), (str(b), c[1])]) as model:
+    soup = [(str(a), c[0]), (str(b), c[1])]
+    with generator._activated(None, soup) as model:
         soup_logits = model(x).logits
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
         key = "base_model.model.model.layers.0.self_attn.q_proj"
         assert torch.allclose(
-            layer.get_delta_weight(generators.SOUP), c[0] * delta_a[key] + c[1] * delta_b[key], atol=1e-6
+            layer.get_delta_weight(generator._soup(soup)),
+            c[0] * delta_a[key] + c[1] * delta_b[key],
+            atol=1e-6,
         )
     assert torch.allclose(soup_logits, expected_logits, atol=1e-5)
-    assert not torch.allclose(soup_logits, generator.model.get_base_model()(x).logits, atol=1e-3)
-    assert generators.SOUP not in generator.model.peft_config  # removed after use
+    with generator.model.disable_adapter():
+        assert not torch.allclose(soup_logits, generator.model(x).logits, atol=1e-3)
 
     # written to disk (how the vLLM backend serves a soup), it is an ordinary adapter of rank r_a + r_b
-    folder = generator.save_soup([(str(a), c[0]), (str(b), c[1])], sweep / "soup")
+    folder = generator.save_soup(soup, sweep / "soup")
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2 * LORA_R
     with generator._activated(str(folder), None) as model:
         assert torch.allclose(model(x).logits, expected_logits, atol=1e-5)
@@ -386,7 +389,7 @@ def test_a_soup_samples_with_lora_dropout_off(sweep):
 def test_extremes_and_coefficients_for_three_objectives():
     grid = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.5, 0.25, 0.25], [0.8, 0.1, 0.1]]
     modpo = [Candidate("modpo", f"p{i}", weights=w, adapter=f"/a/p{i}") for i, w in enumerate(grid)]
-    soups, notes = rewarded_soups(modpo, ["a", "b", "c"])
+    soups, notes = interpolated(modpo, ["a", "b", "c"], "rewarded_soups")
     assert [m.extreme for m in modpo] == ["a", "b", "c", None, None]
     assert {s.label: dict(s.soup) for s in soups} == {
         "p3": pytest.approx({"/a/p1": 0.5, "/a/p2": 0.5}),
@@ -398,8 +401,56 @@ def test_extremes_and_coefficients_for_three_objectives():
         Candidate("modpo", f"q{i}", weights=w, adapter="x")
         for i, w in enumerate(grid[:3] + [[0.2, 0.4, 0.4]])
     ]
-    soups, notes = rewarded_soups(outside, ["a", "b", "c"])
+    soups, notes = interpolated(outside, ["a", "b", "c"], "rewarded_soups")
     assert soups == [] and "q3" in notes[0] and "outside" in notes[0]
+
+
+# --------------------------------------------------------------------------------------------------- MOD
+def test_mod_baseline_mixes_the_extremes_at_every_weighting(sweep, generations):
+    """`mod` (no training): the extremes' next-token log-probs mixed with the weighting's barycentric
+    coordinates, on the same report as MODPO and Rewarded Soups, cached like every candidate."""
+    report = evaluate_sweep(sweep, ["eval.baselines=[reference, rewarded_soups, mod]"])
+    assert generations == [*KEYS, "mod-w-0.50-0.50"]
+    by_key = {f"{c['method']}-{c['label']}": c for c in report["candidates"]}
+    mod = by_key["mod-w-0.50-0.50"]
+    assert mod["status"] == "ok" and mod["soup"] is None and mod["weights"] == [0.5, 0.5]
+    assert [m["adapter"] for m in mod["mixture"]] == ["w-1.00-0.00", "w-0.20-0.80"]
+    assert [m["weight"] for m in mod["mixture"]] == pytest.approx([0.375, 0.625])
+    pareto = report["pareto"]
+    assert set(pareto["hypervolume"]) == {"reference", "modpo", "rewarded_soups", "mod"}
+    assert set(pareto["controllability"]) == {"modpo", "rewarded_soups", "mod"}
+    # like the soups, the mixtures' point set holds the shared extremes
+    assert set(pareto["non_dominated"]["mod"]) <= {"w-0.50-0.50", "w-1.00-0.00", "w-0.20-0.80"}
+
+    recipe = load_recipe(sweep / "recipe.yaml")
+    generator = TransformersGenerator(recipe, generators.sampling_settings(recipe.eval), device="cpu")
+    mixture = [(str(sweep / "w-1.00-0.00"), 0.375), (str(sweep / "w-0.20-0.80"), 0.625)]
+    expected = generator.generate([[{"role": "user", "content": p}] for p in PROMPTS], mixture=mixture)
+    samples = [json.loads(line) for line in (sweep / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [s["response"] for s in samples if s["method"] == "mod"] == expected
+
+    generations.clear()
+    evaluate_sweep(sweep, ["eval.baselines=[reference, rewarded_soups, mod]"])
+    assert generations == []
+
+
+def test_mod_fingerprint_covers_rule_adapters_and_weights(sweep, monkeypatch):
+    recipe = load_recipe(sweep / "recipe.yaml")
+    settings = generators.sampling_settings(recipe.eval)
+    a, b, c = (str(sweep / tag) for tag in TAGS)
+
+    def fp(**fields):
+        return generation_fingerprint(
+            recipe, Candidate("mod", "x", **fields), PROMPTS, settings, "transformers"
+        )
+
+    base = fp(mixture=[(a, 0.5), (c, 0.5)])
+    assert fp(mixture=[(a, 0.5), (c, 0.5)]) == base
+    assert fp(soup=[(a, 0.5), (c, 0.5)]) != base  # the same coefficients interpolating weights
+    assert fp(mixture=[(a, 0.4), (c, 0.6)]) != base
+    assert fp(mixture=[(b, 0.5), (c, 0.5)]) != base
+    monkeypatch.setattr(mod, "RULE", "forward_kl")
+    assert fp(mixture=[(a, 0.5), (c, 0.5)]) != base
 
 
 # -------------------------------------------------------------------------------------------------- resume

@@ -25,13 +25,13 @@ from typing import Any
 from ..generation import SamplingSettings
 from ..rewards.cache import fingerprint
 from ..runs.data import load_prompts
-from ..runs.engine import MANIFEST
 from ..runs.method import Candidate
-from ..runs.recipe import Recipe, RecipeError, load_recipe
+from ..runs.recipe import Recipe, RecipeError
 from ..runs.rewards import build_reward
+from ..serving.front import resolve
+from ..serving.generators import choose_backend, sampling_settings
 from ..storage import write_atomic
 from .candidates import BASELINES, build_candidates
-from .generators import choose_backend, sampling_settings
 from .report import (
     EVAL_DIR,
     candidate_result,
@@ -44,21 +44,6 @@ from .report import (
     samples_text,
 )
 from .responses import cache_entry, generate_all, generation_fingerprint, score_all
-
-
-def resolve(target: str | Path | Recipe, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
-    """(recipe, sweep directory) from a sweep directory (its resolved `recipe.yaml`) or a recipe."""
-    if isinstance(target, Recipe):
-        return target, target.run_dir
-    path = Path(target)
-    if path.is_dir():
-        if not (path / MANIFEST).is_file() and not (path / "recipe.yaml").is_file():
-            raise RecipeError(f"no {MANIFEST} in {path}: run `python -m modpo_trl.train <recipe>` first")
-        if not (path / "recipe.yaml").is_file():
-            raise RecipeError(f"no recipe.yaml in {path}: the sweep writes it next to {MANIFEST}")
-        return load_recipe(path / "recipe.yaml", overrides), path
-    recipe = load_recipe(path, overrides)
-    return recipe, recipe.run_dir
 
 
 def scorers(recipe: Recipe) -> list:

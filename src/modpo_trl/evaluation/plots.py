@@ -20,7 +20,7 @@ __all__ = ["plot_pareto"]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 # The package's methods keep their marker and colour in every figure; other methods take the next free ones.
-_KNOWN_METHODS = ("reference", "modpo", "rewarded_soups", "moc", "dpa")
+_KNOWN_METHODS = ("reference", "modpo", "rewarded_soups", "moc", "dpa", "mod")
 
 
 def _validate(points: Sequence[Mapping[str, Any]], objective_names: Sequence[str]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import numpy as np
 from ..runs.method import Candidate
 from ..runs.recipe import Recipe
 from .bootstrap import DOMINATED, DOMINATED_NOISY, FRONT, FRONT_NOISY, PromptBootstrap, resolved
+from .candidates import INTERPOLATIONS
 from .pareto import default_reference_point, generalization, mean_ci, non_dominated
 from .plots import plot_pareto
 
@@ -114,8 +115,9 @@ def pareto_report(
     sets: dict[str, list[int]] = {}
     for i, r in enumerate(ok):
         sets.setdefault(r["method"], []).append(i)
-    if "rewarded_soups" in sets:  # the soup at an extreme's weighting is the extreme itself
-        sets["rewarded_soups"] += [i for i in sets.get("modpo", []) if ok[i]["extreme"]]
+    for method in INTERPOLATIONS:  # a soup or MOD mixture at an extreme's weighting is the extreme itself
+        if method in sets:
+            sets[method] += [i for i in sets.get("modpo", []) if ok[i]["extreme"]]
     values = np.array([[r["scores"][n]["values"] for n in names] for r in ok], dtype=float)
     boot = PromptBootstrap(values.transpose(0, 2, 1), confidence, resamples, seed)
     if reference_point is not None:
@@ -315,11 +317,12 @@ def plot_results(
         for r in ok
     ]
     index = {(r["method"], r["label"]): i for i, r in enumerate(ok)}
-    if any(r["method"] == "rewarded_soups" for r in ok):  # close the soups' front with the shared extremes
-        for p, r in zip(list(points), ok, strict=True):
-            if r["extreme"]:
-                index["rewarded_soups", r["label"]] = len(points)  # the soups' neighbour is this copy
-                points.append({**p, "method": "rewarded_soups", "label": "", "ci": None})
+    for method in INTERPOLATIONS:  # close the soups' and mixtures' fronts with the shared extremes
+        if any(r["method"] == method for r in ok):
+            for p, r in zip(points[: len(ok)], ok, strict=True):
+                if r["extreme"]:
+                    index[method, r["label"]] = len(points)  # the interpolation's neighbour is this copy
+                    points.append({**p, "method": method, "label": "", "ci": None})
     unresolved = [
         (index[method, d["lower"]], index[method, d["higher"]], names.index(name))
         for method, per_objective in (pareto or {}).get("neighbours", {}).items()

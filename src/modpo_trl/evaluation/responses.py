@@ -1,7 +1,8 @@
 """Every candidate's responses to the evaluation prompts and their scores, cached per candidate.
 
-One cache file per candidate in `<run dir>/eval/candidates/`, keyed by fingerprints of the adapter, base model,
-prompts as the model sees them, sampling settings and backend; scores are kept per scorer with the scorer's
+One cache file per candidate in `<run dir>/eval/candidates/`, keyed by fingerprints of the adapter(s), soup
+coefficients or MOD mixing rule and weights, base model, prompts as the model sees them, sampling settings and
+backend; scores are kept per scorer with the scorer's
 fingerprint. A re-run only generates or scores what changed.
 """
 
@@ -23,16 +24,17 @@ from ..rewards.cache import fingerprint, path_fingerprint
 from ..rewards.sources import check_scores
 from ..runs.method import Candidate
 from ..runs.recipe import Recipe
+from ..serving import mod
+from ..serving.generators import TransformersGenerator, VLLMGenerator, lora_rank
 from ..storage import write_atomic
-from .generators import TransformersGenerator, VLLMGenerator, lora_rank
 
 
 def generation_fingerprint(
     recipe: Recipe, candidate: Candidate, prompts: list, settings: SamplingSettings, backend: str
 ) -> str:
     """Changes whenever the responses could: the base model and tokenizer (by content, or resolved hub
-    commit) and every `model:` setting (dtype, attention, quantisation), adapter files, prompts as the model
-    sees them, sampling settings, backend."""
+    commit) and every `model:` setting (dtype, attention, quantisation), adapter files, soup coefficients, MOD
+    mixing rule and weights, prompts as the model sees them, sampling settings, backend."""
     model = recipe.model
     return fingerprint(
         "generation",
@@ -44,6 +46,7 @@ def generation_fingerprint(
         prompts,
         [path_fingerprint(p) for p in candidate.adapters()],
         [c for _, c in candidate.soup] if candidate.soup else None,
+        {"rule": mod.RULE, "weights": [w for _, w in candidate.mixture]} if candidate.mixture else None,
     )
 
 
@@ -51,7 +54,7 @@ def _make_generator(recipe: Recipe, settings: SamplingSettings, backend: str, ca
     if backend == "transformers":
         return TransformersGenerator(recipe, settings)
     ranks = [
-        sum(lora_rank(p) for p in c.adapters()) if c.soup else lora_rank(c.adapter)
+        sum(lora_rank(p) for p in c.adapters()) if c.soup else max(lora_rank(p) for p in c.adapters())
         for c in candidates
         if c.adapters()
     ]
@@ -72,6 +75,7 @@ def generate_all(recipe, todo, model_prompts, settings, backend, entries) -> Non
                     model_prompts[candidate.key],
                     adapter=candidate.adapter,
                     soup=candidate.soup,
+                    mixture=candidate.mixture,
                     desc=f"Generating {candidate.key}",
                 )
                 entry["scores"], entry["error"] = {}, None

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 
-from ..conditioning.directions import angle_of, condition_prompt, direction_weights
+from ..conditioning.directions import angle_of, condition_prompt, direction_weights, unit_vector
 from ..rewards.cache import path_fingerprint
 from ..rewards.vector import MultiObjectiveReward, StackedReward
 from ..trainers.dpa_config import DPAConfig, evaluation_angles
@@ -35,6 +36,7 @@ class DPA(Method):
     name = "dpa"
     trainer_class = DPATrainer
     has_target = False  # every objective is an output of the reward
+    preference_space = "direction"  # a user preference is a unit vector v, and weights = v
 
     def check(self, recipe: Recipe) -> None:
         if not recipe.lora.enabled:
@@ -141,36 +143,48 @@ class DPA(Method):
         if not is_done(entry, run_dir):
             return []
         args = self.runs(recipe, dry_run=True)[0].args
-        heldout = [float(a) for a in args.heldout_angles]
-        candidates = []
-        for v in args.evaluation_directions():
-            held_out, parameter = False, None
-            if args.directions is None:
-                t = angle_of(v)
-                held_out = any(abs(t - h) < 1e-6 for h in heldout)
-                label = f"t{round(t, 4):+g}" + ("-heldout" if held_out else "")
-                parameter = {"angle": t}
-            else:
-                label = "v" + "_".join(str(w) for w in direction_weights(v))
-            prompt_fn = functools.partial(
-                condition_prompt,
-                v=v,
-                attribute_names=recipe.objective_names,
-                system_prompt=args.system_prompt,
-            )
-            candidates.append(
-                Candidate(
-                    TAG,
-                    label,
-                    weights=list(v),
-                    adapter=str(run_dir / entry["adapter"]),
-                    preference=list(v),
-                    prompt_fn=prompt_fn,
-                    held_out=held_out,
-                    parameter=parameter,
-                )
-            )
-        return candidates
+        return [_candidate(recipe, run_dir, entry, args, v) for v in args.evaluation_directions()]
+
+    def candidate_at(
+        self, recipe: Recipe, run_dir: Path, entries: dict[str, dict[str, Any]], weights: list[float]
+    ) -> Candidate | None:
+        entry = entries.get(TAG)
+        if not is_done(entry, run_dir):
+            return None
+        args = self.runs(recipe, dry_run=True)[0].args
+        return _candidate(
+            recipe, run_dir, entry, args, unit_vector(weights, len(recipe.objectives), "weights")
+        )
+
+
+def _candidate(
+    recipe: Recipe, run_dir: Path, entry: dict[str, Any], args: DPAConfig, v: Sequence[float]
+) -> Candidate:
+    """The adapter asked for the direction `v`: its `prompt_fn` states `v` in the system prompt, as in training."""
+    held_out, parameter = False, None
+    if args.directions is None:
+        t = angle_of(v)
+        held_out = any(abs(t - float(h)) < 1e-6 for h in args.heldout_angles)
+        label = f"t{round(t, 4):+g}" + ("-heldout" if held_out else "")
+        parameter = {"angle": t}  # the preference's own coordinate, for controllability and generalisation
+    else:
+        label = "v" + "_".join(str(w) for w in direction_weights(v))
+    prompt_fn = functools.partial(
+        condition_prompt,
+        v=v,
+        attribute_names=recipe.objective_names,
+        system_prompt=args.system_prompt,
+    )
+    return Candidate(
+        TAG,
+        label,
+        weights=list(v),
+        adapter=str(run_dir / entry["adapter"]),
+        preference=list(v),
+        prompt_fn=prompt_fn,
+        held_out=held_out,
+        parameter=parameter,
+    )
 
 
 def _prompt_data(recipe: Recipe):

@@ -60,7 +60,8 @@ class Trained:
 
 @dataclass
 class Candidate:
-    """A model to evaluate or serve: the base model (`adapter` None), a LoRA adapter, or a soup of adapters.
+    """A model to evaluate or serve: the base model (`adapter` None), a LoRA adapter, a soup of adapters, or a
+    MOD mixture of adapters (decoded together, `modpo_trl.serving.mod`).
 
     Conditioned methods (one model for every preference) set `preference` and a `prompt_fn` that puts it into
     the prompt (`render_preference`, `render_direction`); scorers still see the original prompt.
@@ -73,6 +74,9 @@ class Candidate:
     preference: list[float] | None = None
     prompt_fn: Callable[[Any], Any] | None = field(default=None, repr=False)
     soup: list[tuple[str, float]] | None = None  # Rewarded Soups: (adapter folder, coefficient)
+    mixture: list[tuple[str, float]] | None = (
+        None  # MOD: (adapter folder, weight of its next-token log-probs)
+    )
     extreme: str | None = None  # the objective this MODPO adapter is the soups' extreme of
     held_out: bool = False  # a preference the conditioned model never trained on (generalisation)
     # The preference's own coordinates when its weights are not them (DPA: {"angle": t} in degrees, since
@@ -85,7 +89,8 @@ class Candidate:
         return f"{self.method}-{self.label}"
 
     def adapters(self) -> list[str]:
-        return [p for p, _ in self.soup] if self.soup else [self.adapter] if self.adapter else []
+        parts = self.soup or self.mixture
+        return [p for p, _ in parts] if parts else [self.adapter] if self.adapter else []
 
     def describe(self, run_dir: Path) -> dict[str, Any]:
         def short(path: str) -> str:  # relative to the run directory when inside it
@@ -99,6 +104,9 @@ class Candidate:
             "preference": self.preference,
             "adapter": short(self.adapter) if self.adapter else None,
             "soup": [{"adapter": short(p), "coefficient": c} for p, c in self.soup] if self.soup else None,
+            "mixture": [{"adapter": short(p), "weight": w} for p, w in self.mixture]
+            if self.mixture
+            else None,
             "extreme": self.extreme,
             "held_out": self.held_out,
             "parameter": self.parameter,
@@ -114,6 +122,8 @@ class Method(ABC):
     trainer_class: ClassVar[type | None] = None
     # The manifest's `target`: the objective whose pairs are trained on (None: every objective is alike).
     has_target: ClassVar[bool] = True
+    # What a preference is: "simplex" (weights >= 0 that sum to 1) or "direction" (a unit vector in reward space).
+    preference_space: ClassVar[str] = "simplex"
 
     def check(self, recipe: Recipe) -> None:
         """Recipe problems only this method has, found without loading anything."""
@@ -149,6 +159,14 @@ class Method(ABC):
         self, recipe: Recipe, run_dir: Path, entries: dict[str, dict[str, Any]]
     ) -> list[Candidate]:
         """The models to evaluate, from the finished runs' manifest `entries` (tag -> entry)."""
+
+    def candidate_at(
+        self, recipe: Recipe, run_dir: Path, entries: dict[str, dict[str, Any]], weights: list[float]
+    ) -> Candidate | None:
+        """The finished model asked for the preference `weights` (a checked point of `preference_space`), for a
+        method whose one model is conditioned on every preference; None for a method that trains one adapter per
+        weighting, or while the model is not trained."""
+        return None
 
 
 def usage_notes(intro: str, import_line: str, call: str) -> list[str]:

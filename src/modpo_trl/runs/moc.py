@@ -104,17 +104,29 @@ class MOC(Method):
         if not is_done(entry, run_dir):
             return []
         return [
-            Candidate(
-                "moc",
-                weight_tag(w) + ("-heldout" if heldout else ""),
-                weights=list(w),
-                adapter=str(run_dir / entry["adapter"]),
-                preference=round_preference(w),  # what the prompt states, as in training
-                prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names),
-                held_out=heldout,
-            )
-            for w, heldout in evaluation_preferences(recipe)
+            _candidate(recipe, run_dir, entry, w, heldout) for w, heldout in evaluation_preferences(recipe)
         ]
+
+    def candidate_at(
+        self, recipe: Recipe, run_dir: Path, entries: dict[str, dict[str, Any]], weights: list[float]
+    ) -> Candidate | None:
+        entry = entries.get(TAG)
+        return _candidate(recipe, run_dir, entry, weights, False) if is_done(entry, run_dir) else None
+
+
+def _candidate(
+    recipe: Recipe, run_dir: Path, entry: dict[str, Any], w: list[float], heldout: bool
+) -> Candidate:
+    """The adapter asked for `w`: its `prompt_fn` conditions every prompt on `w`, as in training."""
+    return Candidate(
+        "moc",
+        weight_tag(w) + ("-heldout" if heldout else ""),
+        weights=list(w),
+        adapter=str(run_dir / entry["adapter"]),
+        preference=round_preference(w),  # what the prompt states, as in training
+        prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names),
+        held_out=heldout,
+    )
 
 
 def evaluation_preferences(recipe: Recipe) -> list[tuple[list[float], bool]]:

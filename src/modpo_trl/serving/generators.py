@@ -1,8 +1,9 @@
-"""Batched generation for evaluation: one base model, LoRA adapters swapped in and out by path (sampling itself
-is `modpo_trl.generation`'s).
+"""Batched generation for evaluation and serving: one base model, LoRA adapters swapped in and out by path
+(sampling itself is `modpo_trl.generation`'s).
 
-Backends: `TransformersGenerator` (`model.generate`, the tested path) and `VLLMGenerator` (LoRA requests; an
-optional extra for GPU machines, not exercised by this repository's CPU test-suite).
+Backends: `TransformersGenerator` (`model.generate`, the tested path; also Rewarded Soups and MOD decoding) and
+`VLLMGenerator` (LoRA requests; an optional extra for GPU machines, not exercised by this repository's CPU
+test-suite).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from ..loading import load_tokenizer
 from ..offline import ensure_offline_model
 from ..runs.models import load_policy
 from ..runs.recipe import EvalConfig, Recipe, RecipeError
+from .mod import MODDecoder
 
 BACKENDS = ("auto", "transformers", "vllm")
-SOUP = "rewarded_soup"  # name of the interpolated adapter while it exists
-Soup = Sequence[tuple[str, float]]  # (adapter folder, coefficient) pairs
+Soup = Sequence[
+    tuple[str, float]
+]  # (adapter folder, coefficient) pairs; also a MOD mixture's (folder, weight)
 
 
 def choose_backend(name: str) -> str:
@@ -65,7 +68,9 @@ def sampling_settings(cfg: EvalConfig) -> SamplingSettings:
 class TransformersGenerator:
     """The recipe's base model, loaded once; LoRA adapters are loaded by path on first use and activated with
     `set_adapter`. A Rewarded Soup is built in place with peft's `add_weighted_adapter(combination_type="cat")`,
-    whose delta weight is exactly `sum_i c_i * B_i A_i * scaling_i` (see `modpo_trl.evaluate`)."""
+    whose delta weight is exactly `sum_i c_i * B_i A_i * scaling_i` (see `modpo_trl.evaluate`), once per soup:
+    it stays loaded until one of its adapters is released. A MOD mixture decodes with every adapter of it in one
+    batched forward per token (`modpo_trl.serving.mod`)."""
 
     def __init__(self, recipe: Recipe, settings: SamplingSettings, device: str | torch.device | None = None):
         model, self.tokenizer = load_policy(recipe)
@@ -74,6 +79,7 @@ class TransformersGenerator:
         self.model = model.eval()
         self.settings = settings
         self._names: dict[str, str] = {}  # adapter folder -> adapter name in the PeftModel
+        self._soups: dict[tuple[tuple[str, float], ...], str] = {}  # soup -> its adapter name
         self._count = 0
 
     def generate(
@@ -82,22 +88,31 @@ class TransformersGenerator:
         adapter: str | None = None,
         soup: Soup | None = None,
         desc: str = "Generating",
+        mixture: Soup | None = None,
+        settings: SamplingSettings | None = None,
     ) -> list[str]:
-        """Responses of the base model (`adapter` and `soup` None), of one adapter, or of a soup."""
+        """Responses of the base model (`adapter`, `soup` and `mixture` None), of one adapter, of a soup, or of a
+        MOD mixture of adapters; sampled with `settings` (default: the generator's)."""
+        settings = settings or self.settings
+        if mixture:
+            decoder = MODDecoder([self._load(path) for path, _ in mixture], [w for _, w in mixture])
+            return generate_texts(self.model, self.tokenizer, prompts, settings, desc, decode=decoder)
         with self._activated(adapter, soup) as model:
-            return generate_texts(model, self.tokenizer, prompts, self.settings, desc)
+            return generate_texts(model, self.tokenizer, prompts, settings, desc)
 
     def release(self, adapter: str) -> None:
-        """Unloads an adapter that no later candidate needs."""
+        """Unloads an adapter that no later candidate needs, and the soups built from it."""
+        for key in [key for key in self._soups if any(path == str(adapter) for path, _ in key)]:
+            self._delete(self._soups.pop(key))
         name = self._names.pop(str(adapter), None)
         if name is not None:
             self._delete(name)
 
     def save_soup(self, soup: Soup, folder: Path) -> Path:
         """Writes the soup as an ordinary adapter folder (for backends that load adapters from disk)."""
-        with self._activated(None, soup):
-            self.model.save_pretrained(str(folder), selected_adapters=[SOUP])
-        return folder / SOUP  # peft saves an adapter not named "default" in a sub-folder of its name
+        name = self._soup(soup)
+        self.model.save_pretrained(str(folder), selected_adapters=[name])
+        return folder / name  # peft saves an adapter not named "default" in a sub-folder of its name
 
     def _load(self, adapter: str) -> str:
         adapter = str(adapter)
@@ -122,6 +137,24 @@ class TransformersGenerator:
         self._names[adapter] = name
         return name
 
+    def _soup(self, soup: Soup) -> str:
+        """The adapter name of `soup`, built on first use."""
+        key = tuple((str(path), float(c)) for path, c in soup)
+        if key in self._soups:
+            return self._soups[key]
+        names = [self._load(path) for path, _ in key]
+        name = f"soup_{self._count}"
+        self._count += 1
+        try:
+            self.model.add_weighted_adapter(names, [c for _, c in key], name, combination_type="cat")
+        except Exception:
+            if name in self.model.peft_config:  # add_weighted_adapter would keep a half-built soup's name
+                self._delete(name)
+            raise
+        self.model.eval()  # the soup's new LoRA layers are created in training mode: their dropout would be on
+        self._soups[key] = name
+        return name
+
     def _delete(self, name: str) -> None:
         with warnings.catch_warnings():  # "adapter X was active": every generation sets its own adapter first
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
@@ -130,15 +163,9 @@ class TransformersGenerator:
     @contextmanager
     def _activated(self, adapter: str | None, soup: Soup | None) -> Iterator[PreTrainedModel]:
         if soup:
-            names = [self._load(path) for path, _ in soup]
-            try:
-                self.model.add_weighted_adapter(names, [c for _, c in soup], SOUP, combination_type="cat")
-                self.model.set_adapter(SOUP)
-                self.model.eval()  # the soup's new LoRA layers come in training mode: dropout would be on
-                yield self.model
-            finally:  # also after a failed build: add_weighted_adapter would keep a half-built soup's name
-                if SOUP in self.model.peft_config:
-                    self._delete(SOUP)
+            name = self._soup(soup)  # first: it may replace self.model by its PeftModel
+            self.model.set_adapter(name)
+            yield self.model
         elif adapter is not None:
             name = self._load(adapter)  # first: it may replace self.model by its PeftModel
             self.model.set_adapter(name)
@@ -186,10 +213,16 @@ class VLLMGenerator:
         adapter: str | None = None,
         soup: Soup | None = None,
         desc: str = "Generating",
+        mixture: Soup | None = None,
+        settings: SamplingSettings | None = None,
     ) -> list[str]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
+        if mixture:  # vLLM samples each request from one model's logits
+            raise ValueError(
+                "MOD decoding mixes adapters' next-token log-probs: it needs eval.backend=transformers"
+            )
         if soup:
             if self._soup_builder is None:
                 self._soup_builder = TransformersGenerator(self.recipe, self.settings, device="cpu")
@@ -198,7 +231,7 @@ class VLLMGenerator:
         if adapter is not None:
             lora_id = self._ids.setdefault(str(adapter), len(self._ids) + 1)
             request = LoRARequest(f"adapter_{lora_id}", lora_id, str(adapter))
-        s = self.settings
+        s = settings or self.settings
         params = SamplingParams(
             max_tokens=s.max_new_tokens,
             temperature=s.temperature if s.do_sample else 0.0,

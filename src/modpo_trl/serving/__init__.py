@@ -1,0 +1,1 @@
+"""Serving: a trained run answering at any preference (nearest adapter, Rewarded Soup, MOD decoding, conditioned)."""
