@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+from modpo_trl.evaluation.generators import TransformersGenerator
+from modpo_trl.evaluation.pipeline import evaluate_sweep
+from modpo_trl.generation import SamplingSettings
 from modpo_trl.runs.recipe import RecipeError, load_recipe
 from modpo_trl.testing import tiny_causal_lm, toy_preference_dataset
 from modpo_trl.trainers.moc_trainer import MOCTrainer
@@ -138,3 +141,42 @@ def test_recipe_errors(tok, tmp_path):
         RecipeError, match=r"training.moo_sovler is not a MOCConfig field.*did you mean 'moo_solver'"
     ):
         write_recipe(tmp_path, tok, moo_sovler="mgda")
+
+
+def test_an_adapter_conditioned_run_is_evaluated_with_its_gates_set(tok, tmp_path):
+    recipe = write_recipe(
+        tmp_path, tok, conditioning="adapter", preference_rank=1, moo_solver="weighted_mgda"
+    )
+    train_recipe(recipe)
+    adapter = recipe.run_dir / "moc"
+    assert (adapter / "preference_lora.json").is_file()
+    candidates = candidates_of(recipe)
+    assert [c.adapter_preference for c in candidates] == [[1.0, 0.0], [0.5, 0.5]]
+    assert all(c.prompt_fn is None for c in candidates)  # the prompt stays as it is
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("tell me a story", "why")))
+    overrides = [
+        f"eval.prompts={{path: {prompts}}}",
+        "objectives.0.scorer={type: function, function: modpo_trl.rewards.scorers:brevity}",
+        "eval.max_new_tokens=3",
+        "eval.baselines=[]",
+    ]
+    report = evaluate_sweep(recipe.run_dir, overrides)
+    assert [c["status"] for c in report["candidates"]] == ["ok"] * 2
+    cached = {
+        json.loads(p.read_text())["fingerprint"] for p in (recipe.run_dir / "eval" / "candidates").iterdir()
+    }
+    assert len(cached) == 2  # one adapter, two preferences: two cache keys
+
+    generator = TransformersGenerator(recipe, SamplingSettings(max_new_tokens=2, do_sample=False))
+    with pytest.raises(ValueError, match=r"is preference-gated and needs a preference"):
+        generator.generate(["why"], adapter=str(adapter))
+    assert len(generator.generate(["why"], adapter=str(adapter), preference=[0.3, 0.7])) == 1
+
+
+def test_adapter_conditioning_needs_lora(tok, tmp_path):
+    recipe = write_recipe(tmp_path, tok, conditioning="both")
+    recipe.lora.enabled = False
+    with pytest.raises(RecipeError, match=r"training.conditioning='both' puts the preference into the LoRA"):
+        train_recipe(recipe, dry_run=True)

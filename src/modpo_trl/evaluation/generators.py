@@ -20,6 +20,7 @@ from accelerate import PartialState
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel
 
+from ..conditioning import svd_lora
 from ..generation import SamplingSettings, encode_prompt, generate_texts
 from ..loading import load_tokenizer
 from ..offline import ensure_offline_model
@@ -82,9 +83,11 @@ class TransformersGenerator:
         adapter: str | None = None,
         soup: Soup | None = None,
         desc: str = "Generating",
+        preference: list[float] | None = None,
     ) -> list[str]:
-        """Responses of the base model (`adapter` and `soup` None), of one adapter, or of a soup."""
-        with self._activated(adapter, soup) as model:
+        """Responses of the base model (`adapter` and `soup` None), of one adapter, or of a soup; `preference` is
+        the `w` a preference-gated adapter runs at."""
+        with self._activated(adapter, soup, preference) as model:
             return generate_texts(model, self.tokenizer, prompts, self.settings, desc)
 
     def release(self, adapter: str) -> None:
@@ -115,6 +118,9 @@ class TransformersGenerator:
                 config.inference_mode = True
                 self.model = PeftModel(self.model, config, adapter_name=name)
             self.model.load_adapter(adapter, adapter_name=name)
+            layout = svd_lora.PreferenceLoRA.load(adapter)
+            if layout is not None:  # a preference-gated adapter: runs only with its w set
+                svd_lora.attach(self.model, layout, name)
         except Exception as e:
             if isinstance(self.model, PeftModel) and name in self.model.peft_config:
                 self._delete(name)  # half-loaded (e.g. corrupt weights): leave no trace
@@ -122,15 +128,23 @@ class TransformersGenerator:
         self._names[adapter] = name
         return name
 
+    def _gated(self) -> dict[str, svd_lora.PreferenceLoRA]:
+        return svd_lora.gated_adapters(self.model) if isinstance(self.model, PeftModel) else {}
+
     def _delete(self, name: str) -> None:
         with warnings.catch_warnings():  # "adapter X was active": every generation sets its own adapter first
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
             self.model.delete_adapter(name)
 
     @contextmanager
-    def _activated(self, adapter: str | None, soup: Soup | None) -> Iterator[PreTrainedModel]:
+    def _activated(
+        self, adapter: str | None, soup: Soup | None, w: list[float] | None = None
+    ) -> Iterator[PreTrainedModel]:
         if soup:
             names = [self._load(path) for path, _ in soup]
+            gated = [path for (path, _), name in zip(soup, names, strict=True) if name in self._gated()]
+            if gated:
+                raise ValueError(f"preference-gated adapters cannot enter a soup: {gated}")
             try:
                 self.model.add_weighted_adapter(names, [c for _, c in soup], SOUP, combination_type="cat")
                 self.model.set_adapter(SOUP)
@@ -140,8 +154,18 @@ class TransformersGenerator:
                     self._delete(SOUP)
         elif adapter is not None:
             name = self._load(adapter)  # first: it may replace self.model by its PeftModel
+            if (name in self._gated()) != (w is not None):
+                raise ValueError(
+                    f"the adapter {adapter} is preference-gated and needs a preference"
+                    if w is None
+                    else f"a preference was given for {adapter}, which is not preference-gated"
+                )
             self.model.set_adapter(name)
-            yield self.model
+            if w is None:
+                yield self.model
+            else:
+                with svd_lora.preference(self.model, w, adapter_name=name):
+                    yield self.model
         elif not isinstance(self.model, PeftModel):
             yield self.model
         elif self.model.peft_config:
@@ -185,6 +209,7 @@ class VLLMGenerator:
         adapter: str | None = None,
         soup: Soup | None = None,
         desc: str = "Generating",
+        preference: list[float] | None = None,
     ) -> list[str]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
@@ -193,6 +218,9 @@ class VLLMGenerator:
             if self._soup_builder is None:
                 self._soup_builder = TransformersGenerator(self.recipe, self.settings, device="cpu")
             adapter = str(self._soup_builder.save_soup(soup, self._soup_dir / f"soup_{len(self._ids)}"))
+        if preference is not None:  # vLLM runs no gates: the plain adapter equal to the gated one at w
+            folder = self._soup_dir / f"w_{len(self._ids)}"
+            adapter = str(svd_lora.fixed_preference_adapter(adapter, preference, folder))
         request = None
         if adapter is not None:
             lora_id = self._ids.setdefault(str(adapter), len(self._ids) + 1)

@@ -33,6 +33,8 @@ def generation_fingerprint(
     """Changes whenever the responses could: base model, adapter files, prompts as the model sees them,
     sampling settings, backend."""
     model = recipe.model
+    # Only when set, so that other candidates keep the fingerprints (and caches) they had before the field existed.
+    gates = [candidate.adapter_preference] if candidate.adapter_preference is not None else []
     return fingerprint(
         "generation",
         path_fingerprint(model.path),
@@ -44,6 +46,7 @@ def generation_fingerprint(
         prompts,
         [path_fingerprint(p) for p in candidate.adapters()],
         [c for _, c in candidate.soup] if candidate.soup else None,
+        *gates,
     )
 
 
@@ -73,6 +76,7 @@ def generate_all(recipe, todo, model_prompts, settings, backend, entries) -> Non
                     adapter=candidate.adapter,
                     soup=candidate.soup,
                     desc=f"Generating {candidate.key}",
+                    preference=candidate.adapter_preference,
                 )
                 entry["scores"], entry["error"] = {}, None
             except (OSError, ValueError) as e:  # an adapter that cannot load, a prompt the template rejects

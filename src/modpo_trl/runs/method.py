@@ -60,7 +60,9 @@ class Candidate:
     """A model to evaluate or serve: the base model (`adapter` None), a LoRA adapter, or a soup of adapters.
 
     Conditioned methods (one model for every preference) set `preference` and a `prompt_fn` that puts it into
-    the prompt (`render_preference`, `render_direction`); scorers still see the original prompt.
+    the prompt (`render_preference`, `render_direction`; scorers still see the original prompt), and/or
+    `adapter_preference`, the `w` a preference-gated adapter runs at (`modpo_trl.conditioning.svd_lora`), which the
+    generator sets before generating.
     """
 
     method: str
@@ -72,6 +74,7 @@ class Candidate:
     soup: list[tuple[str, float]] | None = None  # Rewarded Soups: (adapter folder, coefficient)
     extreme: str | None = None  # the objective this MODPO adapter is the soups' extreme of
     held_out: bool = False  # a preference the conditioned model never trained on (generalisation)
+    adapter_preference: list[float] | None = None  # the w of a preference-gated adapter (svd_lora)
 
     @property
     def key(self) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from datasets import Dataset
 
 from ..conditioning.preference import check_preference, condition_prompt
+from ..conditioning.svd_lora import PreferenceLoRA
 from ..rewards.cache import content_fingerprint, path_fingerprint
 from ..rewards.sources import RewardSource
 from ..trainers.moc_config import MOCConfig
@@ -42,6 +43,12 @@ class MOC(Method):
                 )
         if all(objective.data is None for objective in recipe.objectives):
             raise RecipeError("method=moc needs at least one objective with `data`: the pairs it trains on")
+        conditioning = recipe.training.get("conditioning", MOCConfig.conditioning)
+        if conditioning != "prompt" and not recipe.lora.enabled:
+            raise RecipeError(
+                f"training.conditioning={conditioning!r} puts the preference into the LoRA adapter, but "
+                "lora.enabled is false; enable LoRA or use training.conditioning=prompt"
+            )
 
     def runs(self, recipe: Recipe, dry_run: bool = False) -> list[Run]:
         return [conditioned_run(MOCConfig, recipe, TAG, dry_run, objective_names=recipe.objective_names)]
@@ -61,8 +68,9 @@ class MOC(Method):
         labels = [weight_tag(w) + ("-heldout" if held else "") for w, held in evaluation_preferences(recipe)]
         return [
             f"# MOC: one adapter '{TAG}'; pairs from {pairs}; margin rewards for {margins or 'none'}; "
-            f"solver {args.moo_solver}",
-            f"# training preferences: {sampling}, held out: {args.heldout_preferences or 'none'}{radius}",
+            f"solver {args.moo_solver}, conditioning {args.conditioning}, control loss {args.control_loss}",
+            f"# training preferences: {sampling}, {args.preference_augmentation} per pair, "
+            f"held out: {args.heldout_preferences or 'none'}{radius}",
             f"# evaluated at {len(labels)} preference(s): {', '.join(labels)}",
         ]
 
@@ -88,19 +96,27 @@ class MOC(Method):
         self, recipe: Recipe, run_dir: Path, entries: dict[str, dict[str, Any]]
     ) -> list[Candidate]:
         """The one adapter at each `evaluation_preferences(recipe)`, labelled `w-0.30-0.70` (or
-        `w-0.50-0.50-heldout`), whose `prompt_fn` conditions every prompt on that preference, as in training."""
+        `w-0.50-0.50-heldout`), told that preference as in training: a `prompt_fn` that conditions every prompt on
+        it (`conditioning` "prompt" or "both"), and the adapter's gates set to it (a preference-gated adapter,
+        `conditioning` "adapter" or "both")."""
         entry = entries.get(TAG)
         if not is_done(entry, run_dir):
             return []
+        adapter = run_dir / entry["adapter"]
+        gated = PreferenceLoRA.load(adapter) is not None
+        in_prompt = recipe.training.get("conditioning", MOCConfig.conditioning) != "adapter"
         return [
             Candidate(
                 "moc",
                 weight_tag(w) + ("-heldout" if heldout else ""),
                 weights=list(w),
-                adapter=str(run_dir / entry["adapter"]),
+                adapter=str(adapter),
                 preference=list(w),
-                prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names),
+                prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names)
+                if in_prompt
+                else None,
                 held_out=heldout,
+                adapter_preference=list(w) if gated else None,
             )
             for w, heldout in evaluation_preferences(recipe)
         ]
