@@ -63,7 +63,9 @@ class MOC(Method):
         pairs = [o.name for o in recipe.objectives if o.data is not None]
         margins = [o.name for o in recipe.objectives if o.data is None]
         radius = (
-            f" (L1 radius {args.heldout_radius})" if args.heldout_preferences and sampling != "grid" else ""
+            f" (L1 radius {args.heldout_radius})"
+            if args.heldout_preferences and args.preference_sampling != "grid"
+            else ""
         )
         labels = [weight_tag(w) + ("-heldout" if held else "") for w, held in evaluation_preferences(recipe)]
         return [
