@@ -59,6 +59,18 @@ def write_recipe(tmp_path, tok, **training):
     return load_recipe(path)
 
 
+def tiny_eval_overrides(tmp_path):
+    """Two prompts, 3 new tokens, brevity as the first objective's scorer, no baselines."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("tell me a story", "why")))
+    return [
+        f"eval.prompts={{path: {prompts}}}",
+        "objectives.0.scorer={type: function, function: modpo_trl.rewards.scorers:brevity}",
+        "eval.max_new_tokens=3",
+        "eval.baselines=[]",
+    ]
+
+
 def test_training_writes_one_adapter_and_a_manifest_entry(tok, tmp_path, capsys):
     recipe = write_recipe(tmp_path, tok, moo_solver="linear", heldout_preferences=[[0.25, 0.75]])
     manifest = train_recipe(recipe)
@@ -84,27 +96,21 @@ def test_training_writes_one_adapter_and_a_manifest_entry(tok, tmp_path, capsys)
     assert [(c.method, c.label) for c in candidates] == [
         ("moc", "w-1.00-0.00"),
         ("moc", "w-0.50-0.50"),
+        ("moc", "w-0.00-1.00"),  # a conditioned model is evaluated at the vertices too
         ("moc", "w-0.25-0.75-heldout"),
     ]
     assert all(c.adapter == str(run_dir / "moc") and c.preference == c.weights for c in candidates)
-    assert candidates[2].prompt_fn("tell me") == "Preference weights: kind=0.25, short=0.75.\ntell me"
+    assert candidates[3].prompt_fn("tell me") == "Preference weights: kind=0.25, short=0.75.\ntell me"
     AutoModelForCausalLM.from_pretrained(str(run_dir / "moc"))  # a loadable adapter folder
 
     # the evaluation CLI, in its own process as `make moc` runs it (its module is `__main__` there)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("tell me a story", "why")))
-    overrides = [
-        f"eval.prompts={{path: {prompts}}}",
-        "objectives.0.scorer={type: function, function: modpo_trl.rewards.scorers:brevity}",
-        "eval.max_new_tokens=3",
-        "eval.baselines=[]",
-    ]
+    overrides = tiny_eval_overrides(tmp_path)
     cli = [sys.executable, "-m", "modpo_trl.evaluate", str(run_dir), *overrides]
     done = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert [c["label"] for c in results["candidates"]] == [c.label for c in candidates]
-    assert [c["held_out"] for c in results["candidates"]] == [False, False, True]
+    assert [c["held_out"] for c in results["candidates"]] == [False, False, False, True]
     assert set(results["pareto"]["generalization"]) == {"moc"}
 
 
@@ -151,23 +157,16 @@ def test_an_adapter_conditioned_run_is_evaluated_with_its_gates_set(tok, tmp_pat
     adapter = recipe.run_dir / "moc"
     assert (adapter / "preference_lora.json").is_file()
     candidates = candidates_of(recipe)
-    assert [c.adapter_preference for c in candidates] == [[1.0, 0.0], [0.5, 0.5]]
+    assert [c.adapter_preference for c in candidates] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
     assert all(c.prompt_fn is None for c in candidates)  # the prompt stays as it is
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("tell me a story", "why")))
-    overrides = [
-        f"eval.prompts={{path: {prompts}}}",
-        "objectives.0.scorer={type: function, function: modpo_trl.rewards.scorers:brevity}",
-        "eval.max_new_tokens=3",
-        "eval.baselines=[]",
-    ]
+    overrides = tiny_eval_overrides(tmp_path)
     report = evaluate_sweep(recipe.run_dir, overrides)
-    assert [c["status"] for c in report["candidates"]] == ["ok"] * 2
+    assert [c["status"] for c in report["candidates"]] == ["ok"] * 3
     cached = {
         json.loads(p.read_text())["fingerprint"] for p in (recipe.run_dir / "eval" / "candidates").iterdir()
     }
-    assert len(cached) == 2  # one adapter, two preferences: two cache keys
+    assert len(cached) == 3  # one adapter, three preferences: three cache keys
 
     generator = TransformersGenerator(recipe, SamplingSettings(max_new_tokens=2, do_sample=False))
     with pytest.raises(ValueError, match=r"is preference-gated and needs a preference"):

@@ -82,8 +82,10 @@ class PreferenceLoRA:
         shared = torch.ones(*w.shape[:-1], self.shared_rank, dtype=w.dtype, device=w.device)
         return torch.cat([shared, w.repeat_interleave(self.preference_rank, dim=-1)], dim=-1)
 
-    def save(self, folder: str | Path) -> None:
-        data = {"format": "modpo_trl.preference_lora", "version": 1, **asdict(self)}
+    def save(self, folder: str | Path, prompt: bool = False) -> None:
+        """Writes the layout next to the adapter; `prompt`: the model was also told `w` in its prompt (MOC's
+        `conditioning="both"`), which `saved_conditioning` reports to whoever runs it."""
+        data = {"format": "modpo_trl.preference_lora", "version": 1, **asdict(self), "prompt": prompt}
         data["objective_names"] = list(self.objective_names)
         (Path(folder) / LAYOUT_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
@@ -98,6 +100,15 @@ class PreferenceLoRA:
             return cls(tuple(data["objective_names"]), data["shared_rank"], data["preference_rank"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a preference LoRA layout: {e}") from None
+
+
+def saved_conditioning(folder: str | Path) -> str:
+    """How the model in an adapter folder was told its preference: `"adapter"`, `"both"` (gates and prompt), or
+    `"prompt"` for an adapter without a preference layout."""
+    path = Path(folder) / LAYOUT_FILE
+    if not path.is_file():
+        return "prompt"
+    return "both" if json.loads(path.read_text()).get("prompt") else "adapter"
 
 
 class _Gate:

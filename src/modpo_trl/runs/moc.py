@@ -14,7 +14,7 @@ import numpy as np
 from datasets import Dataset
 
 from ..conditioning.preference import check_preference, condition_prompt
-from ..conditioning.svd_lora import PreferenceLoRA
+from ..conditioning.svd_lora import saved_conditioning
 from ..rewards.cache import content_fingerprint, path_fingerprint
 from ..rewards.sources import RewardSource
 from ..trainers.moc_config import MOCConfig
@@ -100,13 +100,13 @@ class MOC(Method):
         """The one adapter at each `evaluation_preferences(recipe)`, labelled `w-0.30-0.70` (or
         `w-0.50-0.50-heldout`), told that preference as in training: a `prompt_fn` that conditions every prompt on
         it (`conditioning` "prompt" or "both"), and the adapter's gates set to it (a preference-gated adapter,
-        `conditioning` "adapter" or "both")."""
+        `conditioning` "adapter" or "both"), as the adapter folder says it was trained."""
         entry = entries.get(TAG)
         if not is_done(entry, run_dir):
             return []
         adapter = run_dir / entry["adapter"]
-        gated = PreferenceLoRA.load(adapter) is not None
-        in_prompt = recipe.training.get("conditioning", MOCConfig.conditioning) != "adapter"
+        conditioning = saved_conditioning(adapter)  # what the adapter was trained with, whatever the recipe says
+        gated, in_prompt = conditioning != "prompt", conditioning != "adapter"
         return [
             Candidate(
                 "moc",

@@ -213,7 +213,7 @@ class MOCTrainer(DPOTrainer):
         """Saves the adapter as `DPOTrainer` does, plus the preference layout of an adapter-conditioned one."""
         super().save_model(output_dir, _internal_call)
         if self.preference_layout is not None and self.args.should_save:
-            self.preference_layout.save(output_dir or self.args.output_dir)
+            self.preference_layout.save(output_dir or self.args.output_dir, self.args.conditioning == "both")
 
     def training_step(self, *args, **kwargs):
         try:
