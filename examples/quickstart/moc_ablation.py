@@ -54,7 +54,9 @@ def between_neighbours(rows: list[dict], names: list[str]) -> list[dict[str, Any
         for n in names:
             a, b = lo["scores"][n]["mean"], hi["scores"][n]["mean"]
             between[n] = min(a, b) <= r["scores"][n]["mean"] <= max(a, b)
-        out.append({"weights": r["weights"], "neighbours": [lo["weights"], hi["weights"]], "between": between})
+        out.append(
+            {"weights": r["weights"], "neighbours": [lo["weights"], hi["weights"]], "between": between}
+        )
     return out
 
 
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reference_point": pareto["reference_point"],
         "modpo": {
             "hypervolume": modpo_hv,
-            "kendall_tau": {n: v["kendall_tau"] for n, v in pareto["controllability"].get("modpo", {}).items()},
+            "kendall_tau": {
+                n: v["kendall_tau"] for n, v in pareto["controllability"].get("modpo", {}).items()
+            },
         },
         "reference_model_hypervolume": pareto["hypervolume"].get("reference"),
         "cells": cells,

@@ -17,7 +17,12 @@ from trl import DPOConfig, DPOTrainer
 
 from modpo_trl import MODPOConfig, MODPOTrainer
 from modpo_trl.conditioning.preference import condition_prompt, render_preference
-from modpo_trl.conditioning.svd_lora import PreferenceLoRA, load_preference_adapter, preference
+from modpo_trl.conditioning.svd_lora import (
+    PreferenceLoRA,
+    load_preference_adapter,
+    preference,
+    saved_conditioning,
+)
 from modpo_trl.rewards.scorers import text_of
 from modpo_trl.rewards.sources import sequence_logps
 from modpo_trl.testing import CHAT_TEMPLATE, SPECIAL, WORDS, tiny_causal_lm, toy_preference_dataset
@@ -489,6 +494,7 @@ def test_adapter_conditioning_trains_saves_and_loads_at_any_preference(tok, tmp_
     assert "moc/control" in logs[-1]
     trainer.save_model(str(tmp_path / "adapter"))
     assert PreferenceLoRA.load(tmp_path / "adapter") == PreferenceLoRA(tuple(NAMES), 1, 1)
+    assert saved_conditioning(tmp_path / "adapter") == conditioning
 
     model = load_preference_adapter(tiny_causal_lm(tok), tmp_path / "adapter").eval()
     messages = [{"role": "user", "content": "write a short story"}]

@@ -105,7 +105,9 @@ class MOC(Method):
         if not is_done(entry, run_dir):
             return []
         adapter = run_dir / entry["adapter"]
-        conditioning = saved_conditioning(adapter)  # what the adapter was trained with, whatever the recipe says
+        conditioning = saved_conditioning(
+            adapter
+        )  # what the adapter was trained with, whatever the recipe says
         gated, in_prompt = conditioning != "prompt", conditioning != "adapter"
         return [
             Candidate(
