@@ -518,7 +518,8 @@ def _lora_rank(model: Any, peft_config: Any, conditioning: str) -> int:
     if not isinstance(config, LoraConfig):
         raise ValueError(
             f"conditioning={conditioning!r} gates a LoRA adapter by the preference: pass peft_config=LoraConfig(...) "
-            f"or a LoRA PeftModel, got peft_config={type(peft_config).__name__} and model={type(model).__name__}"
+            f"or a LoRA PeftModel (got peft_config={type(peft_config).__name__}, model={type(model).__name__}), or "
+            "set conditioning='prompt' to tell a fully fine-tuned model w in its prompt"
         )
     if config.use_dora or config.rank_pattern:
         raise ValueError(
