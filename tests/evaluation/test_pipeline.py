@@ -167,9 +167,9 @@ def generations(monkeypatch):
     seen = []
     original = TransformersGenerator.generate
 
-    def counting(self, prompts, adapter=None, soup=None, desc="Generating"):
+    def counting(self, prompts, adapter=None, soup=None, desc="Generating", **kwargs):
         seen.append(desc.removeprefix("Generating "))
-        return original(self, prompts, adapter=adapter, soup=soup, desc=desc)
+        return original(self, prompts, adapter=adapter, soup=soup, desc=desc, **kwargs)
 
     monkeypatch.setattr(TransformersGenerator, "generate", counting)
     return seen
