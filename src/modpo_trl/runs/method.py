@@ -97,6 +97,7 @@ class Candidate:
             "soup": [{"adapter": short(p), "coefficient": c} for p, c in self.soup] if self.soup else None,
             "extreme": self.extreme,
             "held_out": self.held_out,
+            "adapter_preference": self.adapter_preference,
         }
 
 
