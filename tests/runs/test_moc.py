@@ -9,8 +9,11 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from modpo_trl.conditioning.preference import condition_prompt, parse_preference, round_preference
+from modpo_trl.evaluation.pipeline import evaluate_sweep
+from modpo_trl.generation import SamplingSettings
 from modpo_trl.runs.moc import MOC
 from modpo_trl.runs.recipe import ObjectiveConfig, RecipeError, RewardConfig, load_recipe
+from modpo_trl.serving.generators import TransformersGenerator
 from modpo_trl.testing import tiny_causal_lm, toy_preference_dataset
 from modpo_trl.trainers.moc_trainer import MOCTrainer
 
@@ -58,6 +61,18 @@ def write_recipe(tmp_path, tok, **training):
     return load_recipe(path)
 
 
+def tiny_eval_overrides(tmp_path):
+    """Two prompts, 3 new tokens, brevity as the first objective's scorer, no baselines."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("tell me a story", "why")))
+    return [
+        f"eval.prompts={{path: {prompts}}}",
+        "objectives.0.scorer={type: function, function: modpo_trl.rewards.scorers:brevity}",
+        "eval.max_new_tokens=3",
+        "eval.baselines=[]",
+    ]
+
+
 def test_training_writes_one_adapter_and_a_manifest_entry(tok, tmp_path, capsys):
     recipe = write_recipe(tmp_path, tok, moo_solver="linear", heldout_preferences=[[0.25, 0.75]])
     manifest = train_recipe(recipe)
@@ -83,27 +98,21 @@ def test_training_writes_one_adapter_and_a_manifest_entry(tok, tmp_path, capsys)
     assert [(c.method, c.label) for c in candidates] == [
         ("moc", "w-1.00-0.00"),
         ("moc", "w-0.50-0.50"),
+        ("moc", "w-0.00-1.00"),  # a conditioned model is evaluated at the vertices too
         ("moc", "w-0.25-0.75-heldout"),
     ]
     assert all(c.adapter == str(run_dir / "moc") and c.preference == c.weights for c in candidates)
-    assert candidates[2].prompt_fn("tell me") == "Preference weights: kind=0.25, short=0.75.\ntell me"
+    assert candidates[3].prompt_fn("tell me") == "Preference weights: kind=0.25, short=0.75.\ntell me"
     AutoModelForCausalLM.from_pretrained(str(run_dir / "moc"))  # a loadable adapter folder
 
     # the evaluation CLI, in its own process as `make moc` runs it (its module is `__main__` there)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("tell me a story", "why")))
-    overrides = [
-        f"eval.prompts={{path: {prompts}}}",
-        "objectives.0.scorer={type: function, function: modpo_trl.rewards.scorers:brevity}",
-        "eval.max_new_tokens=3",
-        "eval.baselines=[]",
-    ]
+    overrides = tiny_eval_overrides(tmp_path)
     cli = [sys.executable, "-m", "modpo_trl.evaluate", str(run_dir), *overrides]
     done = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert [c["label"] for c in results["candidates"]] == [c.label for c in candidates]
-    assert [c["held_out"] for c in results["candidates"]] == [False, False, True]
+    assert [c["held_out"] for c in results["candidates"]] == [False, False, False, True]
     assert set(results["pareto"]["generalization"]) == {"moc"}
 
 
@@ -159,3 +168,35 @@ def test_recipe_errors(tok, tmp_path):
         RecipeError, match=r"training.moo_sovler is not a MOCConfig field.*did you mean 'moo_solver'"
     ):
         write_recipe(tmp_path, tok, moo_sovler="mgda")
+
+
+def test_an_adapter_conditioned_run_is_evaluated_with_its_gates_set(tok, tmp_path):
+    recipe = write_recipe(
+        tmp_path, tok, conditioning="adapter", preference_rank=1, moo_solver="weighted_mgda"
+    )
+    train_recipe(recipe)
+    adapter = recipe.run_dir / "moc"
+    assert (adapter / "preference_lora.json").is_file()
+    candidates = candidates_of(recipe)
+    assert [c.adapter_preference for c in candidates] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    assert all(c.prompt_fn is None for c in candidates)  # the prompt stays as it is
+
+    overrides = tiny_eval_overrides(tmp_path)
+    report = evaluate_sweep(recipe.run_dir, overrides)
+    assert [c["status"] for c in report["candidates"]] == ["ok"] * 3
+    cached = {
+        json.loads(p.read_text())["fingerprint"] for p in (recipe.run_dir / "eval" / "candidates").iterdir()
+    }
+    assert len(cached) == 3  # one adapter, three preferences: three cache keys
+
+    generator = TransformersGenerator(recipe, SamplingSettings(max_new_tokens=2, do_sample=False))
+    with pytest.raises(ValueError, match=r"is preference-gated and needs a preference"):
+        generator.generate(["why"], adapter=str(adapter))
+    assert len(generator.generate(["why"], adapter=str(adapter), preference=[0.3, 0.7])) == 1
+
+
+def test_adapter_conditioning_needs_lora(tok, tmp_path):
+    recipe = write_recipe(tmp_path, tok, conditioning="both")
+    recipe.lora.enabled = False
+    with pytest.raises(RecipeError, match=r"training.conditioning='both' puts the preference into the LoRA"):
+        train_recipe(recipe, dry_run=True)

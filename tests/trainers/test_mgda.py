@@ -1,9 +1,12 @@
-"""The min-norm solver: hand-made 2- and 3-objective cases, the 2-objective closed form, Frank-Wolfe vs a grid."""
+"""The min-norm solver: hand-made 2- and 3-objective cases, the 2-objective closed form, Frank-Wolfe vs a grid;
+the preference-weighted solve against scipy's SLSQP on random and degenerate cases."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import minimize
 
 from modpo_trl.trainers.mgda import descent_coefficients, min_norm_coefficients
 
@@ -123,3 +126,88 @@ def test_frank_wolfe_warns_with_its_duality_gap_when_it_stops_at_max_iter():
         min_norm_coefficients(grads, max_iter=1)
     alpha = min_norm_coefficients(grads, max_iter=10_000, tol=1e-12)  # converged: no warning, optimal
     assert is_min_norm_point(alpha, grads, tol=1e-6)
+
+
+def scipy_min_norm_point(vertices: np.ndarray) -> np.ndarray:
+    """The min-norm point of the hull of `vertices` (k, d), solved independently: SLSQP on the simplex QP."""
+    k = len(vertices)
+    gram = vertices @ vertices.T
+    gram = gram / np.abs(gram).max()  # well scaled for SLSQP's tolerances; the minimiser does not change
+    result = minimize(
+        lambda a: a @ gram @ a,
+        np.full(k, 1.0 / k),
+        jac=lambda a: 2 * gram @ a,
+        bounds=[(0.0, 1.0)] * k,
+        constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1.0}],
+        method="SLSQP",
+        options={"ftol": 1e-13, "maxiter": 1000},
+    )
+    assert result.success, result.message
+    return result.x @ vertices
+
+
+@pytest.mark.parametrize("normalization", ["l2", "none"])
+def test_weighted_solve_matches_scipy_on_random_cases(normalization):
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        k, d = int(rng.integers(2, 6)), int(rng.integers(2, 9))
+        grads = rng.normal(size=(k, d)) * rng.uniform(0.05, 5.0, size=(k, 1))
+        if trial % 3 == 0:  # a shared component: gradients that agree more often than random ones
+            grads += rng.normal(size=d)
+        rho = rng.dirichlet(np.ones(k))
+        if trial % 4 == 0:
+            rho[0] = 0.0
+            rho /= rho.sum()
+        # ill-conditioned cases (a weight of 0.01 scales a vertex by 100) need more than the default 250 iterations
+        c = descent_coefficients(
+            torch.tensor(grads), normalization, max_iter=5000, weights=torch.tensor(rho)
+        ).numpy()
+        assert c.min() >= 0 and c.sum() == pytest.approx(1.0) and (c[rho == 0] == 0).all()
+        live = rho > 0
+        scale = (np.linalg.norm(grads, axis=1) if normalization == "l2" else 1.0) * np.where(live, rho, 1.0)
+        vertices = (grads / scale[:, None])[live]
+        expected = scipy_min_norm_point(vertices)
+        ours = (c @ grads) / (c @ scale)  # c_i = alpha_i / scale_i, renormalised: back to sum_i alpha_i v_i
+        # the same point (SLSQP stops a little short: our squared norm is never larger, and the minimum is flat)
+        assert ours @ ours <= expected @ expected + 1e-9 * max(1.0, expected @ expected)
+        np.testing.assert_allclose(ours, expected, atol=1e-4 * max(1.0, np.linalg.norm(expected)))
+        assert (vertices @ ours >= (ours @ ours) * (1 - 1e-6) - 1e-9).all()
+
+
+def test_weighted_solve_keeps_the_preference_share_of_non_conflicting_losses():
+    """The issue's example: two orthogonal gradients (losses on disjoint pairs) of equal length. Plain MGDA splits
+    50/50 whatever the preference; the weighted solve returns the preference; with unequal lengths it is the
+    preference on the unit gradients (l2)."""
+    grads = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    for w in ([0.9, 0.1], [0.1, 0.9]):
+        assert torch.allclose(descent_coefficients(grads), torch.tensor([0.5, 0.5]))
+        assert torch.allclose(descent_coefficients(grads, weights=torch.tensor(w)), torch.tensor(w))
+    scaled = torch.tensor([[3.0, 0.0], [0.0, 0.5]])
+    c = descent_coefficients(scaled, weights=torch.tensor([0.9, 0.1]))
+    direction = c @ scaled
+    assert (direction / direction.sum()).tolist() == pytest.approx([0.9, 0.1])  # shares on unit gradients
+
+
+def test_weighted_solve_degenerate_cases():
+    w = torch.tensor([0.7, 0.3])
+    same = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    c = descent_coefficients(same, weights=w)  # any hull point is the same point: a convex combination
+    assert c.sum().item() == pytest.approx(1.0) and torch.allclose(c @ same, same[0])
+    opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # no common descent: the hull holds 0
+    c = descent_coefficients(opposite, weights=w)
+    assert (c @ opposite).norm().item() < 1e-9 and c.tolist() == pytest.approx([0.5, 0.5])
+    parallel = torch.tensor([[1.0, 1.0], [4.0, 4.0]])  # aligned, different lengths: unit gradients coincide
+    c = descent_coefficients(parallel, weights=w)
+    assert c.min() >= 0 and torch.allclose(
+        (c @ parallel) / (c @ parallel).norm(), parallel[0] / parallel[0].norm()
+    )
+    stationary = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    assert descent_coefficients(stationary, "l2", weights=w).tolist() == [0.0, 1.0]
+    assert descent_coefficients(stationary, "none", weights=w).tolist() == [1.0, 0.0]
+    assert descent_coefficients(torch.zeros(2, 3), weights=w).tolist() == pytest.approx([0.7, 0.3])
+    assert descent_coefficients(torch.tensor([[2.0, 0.0]]), weights=torch.tensor([1.0])).tolist() == [1.0]
+    one = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert descent_coefficients(one, weights=torch.tensor([0.0, 1.0])).tolist() == [0.0, 1.0]
+    for bad in ([0.5], [0.0, 0.0], [-0.1, 1.1], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match=r"weights=.* must be 2 finite numbers >= 0, not all 0"):
+            descent_coefficients(one, weights=torch.tensor(bad))

@@ -1,5 +1,6 @@
 """MOCTrainer: conditioned prompts, the loss (vertex = DPO, one objective with pairs = MODPO, hand computations),
-both solvers end to end with a reloadable adapter, and bad input."""
+every solver end to end with a reloadable adapter, the weighted solve following the preference, adapter
+conditioning (per-row gates, save / load, vertices), preference augmentation, and bad input."""
 
 import copy
 import math
@@ -16,6 +17,12 @@ from trl import DPOConfig, DPOTrainer
 
 from modpo_trl import MODPOConfig, MODPOTrainer
 from modpo_trl.conditioning.preference import condition_prompt, render_preference
+from modpo_trl.conditioning.svd_lora import (
+    PreferenceLoRA,
+    load_preference_adapter,
+    preference,
+    saved_conditioning,
+)
 from modpo_trl.rewards.scorers import text_of
 from modpo_trl.rewards.sources import sequence_logps
 from modpo_trl.testing import CHAT_TEMPLATE, SPECIAL, WORDS, tiny_causal_lm, toy_preference_dataset
@@ -23,11 +30,13 @@ from modpo_trl.trainers.moc_config import PAIR_LOSS_TYPES, MOCConfig
 from modpo_trl.trainers.moc_trainer import (
     CONTROL_VARIANCE_FLOOR,
     MOCTrainer,
-    control_loss,
+    PairGroupSampler,
     margin_adjusted_rewards,
     moc_losses,
     objective_pairs,
     pair_losses,
+    paired_control_loss,
+    zscore_control_loss,
 )
 
 from .test_modpo_evaluate import strict_backbone
@@ -271,14 +280,14 @@ def test_control_loss_is_the_mse_of_z_scores():
     oriented = achieved[:3] * torch.tensor([1.0, -1.0, 1.0])
     expected_1 = F.mse_loss(z(oriented, CONTROL_VARIANCE_FLOOR), z(w[:3, 1]))
     torch.testing.assert_close(
-        control_loss(achieved, w, ids, margins, has_pairs), (expected_0 + expected_1) / 2
+        zscore_control_loss(achieved, w, ids, margins, has_pairs), (expected_0 + expected_1) / 2
     )
     # rising with w: ~0; falling: ~4 (= 2 (1 - r)); one objective, constant w: no signal
     rising = torch.tensor([10.0, 40.0, 70.0, 90.0])
     no_margin = torch.zeros(4, 2)
-    assert control_loss(rising, w, ids, no_margin, has_pairs).item() < 1e-4
-    assert control_loss(-rising, w, ids, no_margin, has_pairs).item() == pytest.approx(4.0, abs=1e-3)
-    assert control_loss(rising, torch.full((4, 2), 0.5), ids, no_margin, has_pairs) is None
+    assert zscore_control_loss(rising, w, ids, no_margin, has_pairs).item() < 1e-4
+    assert zscore_control_loss(-rising, w, ids, no_margin, has_pairs).item() == pytest.approx(4.0, abs=1e-3)
+    assert zscore_control_loss(rising, torch.full((4, 2), 0.5), ids, no_margin, has_pairs) is None
 
 
 @pytest.mark.parametrize("solver", ["linear", "mgda"])
@@ -289,7 +298,7 @@ def test_training_saves_one_adapter_that_takes_any_preference(tok, tmp_path, sol
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3 and all(math.isfinite(entry["loss"]) for entry in logs)
-    expected = {"rewards/margins", "logps/chosen", "moc/loss_kind", "moc/loss_safe", "moc/control_mse"}
+    expected = {"rewards/margins", "logps/chosen", "moc/loss_kind", "moc/loss_safe", "moc/control"}
     expected |= {f"moc/alpha_{name}" for name in [*NAMES, "control"]}
     assert expected <= logs[-1].keys()
     assert logs[-1]["moc/alpha_short"] == 0.0  # a margin-only objective has no loss of its own
@@ -328,7 +337,10 @@ def test_training_saves_one_adapter_that_takes_any_preference(tok, tmp_path, sol
             dict(preference_sampling="uniform"),
             r"preference_sampling='uniform' is not valid; valid: \['dirichlet', 'grid'\]",
         ),
-        (dict(moo_solver="pcgrad"), r"moo_solver='pcgrad' is not valid; valid: \['mgda', 'linear'\]"),
+        (
+            dict(moo_solver="pcgrad"),
+            r"moo_solver='pcgrad' is not valid; valid: \['weighted_mgda', 'mgda', 'linear'\]",
+        ),
         (
             dict(heldout_preferences=[[0.5, 0.5]]),
             r"heldout_preferences\[0\]=\[0.5, 0.5\] must be a list of 3 numbers",
@@ -341,6 +353,13 @@ def test_training_saves_one_adapter_that_takes_any_preference(tok, tmp_path, sol
         (dict(dirichlet_alpha=0), r"dirichlet_alpha=0 must be a finite number > 0"),
         (dict(control_weight=-1.0), r"control_weight=-1.0 must be a finite number >= 0"),
         (dict(grid_steps=0), r"grid_steps=0 must be an integer >= 1"),
+        (dict(preference_rank=0), r"preference_rank=0 must be an integer >= 1"),
+        (dict(preference_augmentation=1.5), r"preference_augmentation=1.5 must be an integer >= 1"),
+        (
+            dict(conditioning="lora"),
+            r"conditioning='lora' is not valid; valid: \['prompt', 'adapter', 'both'\]",
+        ),
+        (dict(control_loss="mse"), r"control_loss='mse' is not valid; valid: \['zscore', 'paired'\]"),
         (dict(mgda_normalization="loss"), r"mgda_normalization='loss' is not valid; valid: \['l2', 'none'\]"),
         (
             dict(loss_type="aot"),
@@ -467,3 +486,168 @@ def test_evaluate_passes_only_model_inputs_to_the_model(tok, tmp_path, precomput
         precompute_ref_log_probs=precompute,
     )
     assert math.isfinite(trainer.evaluate(pairs(n=2))["eval_loss"])
+
+
+def two_objective_moc(tok, tmp_path, w, **kwargs):
+    """`kind` and `safe` pairs, no margins, every row at the fixed preference `w`."""
+    data = objective_pairs(
+        {"kind": toy_preference_dataset(4, seed=0), "safe": toy_preference_dataset(4, seed=1)}
+    ).add_column("preference", [w] * 8)
+    args = MOCConfig(
+        **{**COMMON, "output_dir": str(tmp_path / "m"), "objective_names": ["kind", "safe"], **kwargs}
+    )
+    return MOCTrainer(
+        model=tiny_causal_lm(tok, seed=1),
+        ref_model=tiny_causal_lm(tok, seed=2),
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+    )
+
+
+@pytest.mark.parametrize("solver", ["mgda", "weighted_mgda", "linear"])
+def test_batches_with_different_preferences_get_different_updates(tok, tmp_path, solver):
+    """The issue's example: every row at (0.9, 0.1), then every row at (0.1, 0.9). The two objectives' losses are on
+    disjoint pairs, so plain MGDA splits the update ~50/50 both times; the weighted solve and the linear
+    combination follow the preference."""
+    alphas = []
+    for w in ([0.9, 0.1], [0.1, 0.9]):
+        trainer = two_objective_moc(tok, tmp_path, w, moo_solver=solver, control_weight=0.0)
+        trainer.model.train()
+        rows = [trainer.train_dataset[i] for i in range(8)]
+        trainer.compute_loss(trainer.model, trainer.data_collator(rows)).backward()
+        alphas.append(trainer._metrics["train"]["moc/alpha_kind"][-1])
+    if solver == "mgda":
+        assert alphas[0] == pytest.approx(0.5, abs=0.15) and alphas[1] == pytest.approx(0.5, abs=0.15)
+    else:
+        assert alphas[0] > 0.75 and alphas[1] < 0.25
+    if solver == "linear":
+        assert alphas == pytest.approx([0.9, 0.1])
+
+
+def test_paired_control_loss_matches_hand_computation():
+    achieved = torch.tensor([0.5, 0.2, -0.1, 0.4, 1.0])
+    w = torch.tensor([[0.8, 0.2], [0.3, 0.7], [0.5, 0.5], [0.1, 0.9], [0.6, 0.4]])
+    ids = torch.tensor([0, 0, 0, 0, 1])  # objective 1 has no pairs: its margin orients the pair
+    pairs_ = torch.tensor([7, 7, 3, 3, 9])  # rows 0/1 and 2/3 are copies of one pair each; row 4 alone
+    margins = torch.tensor([[0, 2.0], [0, 2.0], [0, -1.0], [0, -1.0], [0, 5.0]])
+    has_pairs = torch.tensor([True, False])
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    terms = [  # (weight w_a,i - w_b,i, -log sigmoid(s (m_a - m_b)))
+        (0.8 - 0.3, softplus(-(0.5 - 0.2))),  # objective 0, pair 7: row 0 weighs it more
+        (0.7 - 0.2, softplus(-(0.2 - 0.5))),  # objective 1 (margin +2): row 1 weighs it more
+        (0.5 - 0.1, softplus(-(-0.1 - 0.4))),  # objective 0, pair 3
+        (0.9 - 0.5, softplus(+(0.4 - -0.1))),  # objective 1 (margin -1): the margin should fall as w_1 rises
+    ]
+    expected = sum(a * b for a, b in terms) / sum(a for a, _ in terms)
+    got = paired_control_loss(achieved, w, ids, pairs_, margins, has_pairs)
+    assert got.item() == pytest.approx(expected)
+    alone = paired_control_loss(achieved, w, ids, torch.arange(5), margins, has_pairs)
+    assert alone is None  # no pair seen twice: no signal
+
+
+def test_augmentation_sees_every_pair_at_distinct_grid_points_in_one_batch(tok, tmp_path):
+    trainer = make_moc(
+        tok,
+        tmp_path,
+        peft=True,
+        preference_sampling="grid",
+        grid_steps=2,
+        preference_augmentation=3,
+        heldout_preferences=[[0.5, 0.5, 0.0]],
+        control_loss="paired",
+        per_device_train_batch_size=6,
+    )
+    data = trainer.train_dataset
+    assert len(data) == 3 * 16
+    for start in range(0, len(data), 3):
+        copies = data.select(range(start, start + 3))
+        assert len(set(copies["pair_index"])) == 1 and len(set(copies["objective"])) == 1
+        assert len({tuple(w) for w in copies["preference"]}) == 3  # distinct points
+        assert [0.5, 0.5, 0.0] not in copies["preference"]
+    batches = list(trainer.get_train_dataloader())
+    for batch in batches:
+        pair_ids = batch["pair_index"].tolist()
+        assert pair_ids[:3] == [pair_ids[0]] * 3 and pair_ids[3:] == [pair_ids[3]] * 3
+    seen = [p for b in batches for p in b["pair_index"].tolist()]
+    assert sorted(seen) == sorted(data["pair_index"]) and seen != sorted(seen)  # every row once, shuffled
+    sampler = PairGroupSampler(data["pair_index"], seed=0)
+    assert list(sampler) == list(PairGroupSampler(data["pair_index"], seed=0))
+    sampler.set_epoch(1)
+    assert list(sampler) != list(PairGroupSampler(data["pair_index"], seed=0))
+    with pytest.raises(
+        ValueError, match=r"preference_augmentation=4 copies need as many distinct grid points"
+    ):
+        make_moc(tok, tmp_path, preference_sampling="grid", grid_steps=1, preference_augmentation=4)
+
+
+@pytest.mark.parametrize("conditioning", ["adapter", "both"])
+def test_adapter_conditioning_trains_saves_and_loads_at_any_preference(tok, tmp_path, conditioning):
+    trainer = make_moc(
+        tok,
+        tmp_path,
+        peft=True,
+        conditioning=conditioning,
+        preference_rank=1,  # LoRA r=4: 1 shared unit + 1 per objective
+        moo_solver="weighted_mgda",
+        preference_augmentation=2,
+        control_loss="paired",
+        max_steps=3,
+        logging_steps=1,
+        learning_rate=1e-2,
+    )
+    decoded = tok.decode(trainer.train_dataset[0]["prompt_ids"])
+    assert ("Preference" in decoded) == (conditioning == "both")
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(math.isfinite(entry["loss"]) for entry in logs)
+    assert "moc/control" in logs[-1]
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert PreferenceLoRA.load(tmp_path / "adapter") == PreferenceLoRA(tuple(NAMES), 1, 1)
+    assert saved_conditioning(tmp_path / "adapter") == conditioning
+
+    model = load_preference_adapter(tiny_causal_lm(tok), tmp_path / "adapter").eval()
+    messages = [{"role": "user", "content": "write a short story"}]
+    response = [{"role": "assistant", "content": "the cat sat on the mat"}]
+
+    def logp(w):
+        conversation = condition_prompt(messages, w, NAMES) if conditioning == "both" else messages
+        prompt = tok.apply_chat_template(conversation, add_generation_prompt=True)["input_ids"]
+        full = tok.apply_chat_template(conversation + response)["input_ids"]
+        mask = torch.tensor([[0] * len(prompt) + [1] * (len(full) - len(prompt))])
+        ids = torch.tensor([full])
+        with torch.no_grad(), preference(model, w):
+            return sequence_logps(
+                model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask}
+            )
+
+    a, b = logp([0.8, 0.1, 0.1]), logp([0.1, 0.1, 0.8])
+    assert torch.isfinite(a) and torch.isfinite(b) and not torch.allclose(a, b)
+
+
+def test_adapter_conditioning_at_a_vertex_trains_only_that_objectives_units(tok, tmp_path):
+    """Every w = e_kind: the units of `safe` and `short` are gated to 0, so their columns of every lora_B get no
+    gradient, while the shared units and kind's do."""
+    trainer = make_moc(
+        tok,
+        tmp_path,
+        peft=True,
+        conditioning="adapter",
+        preference_rank=1,
+        preference_sampling="grid",
+        grid_steps=1,
+        heldout_preferences=[[0, 1, 0], [0, 0, 1]],
+    )
+    rows = [trainer.train_dataset[i] for i in (0, 1, 2, 8)]
+    trainer.compute_loss(trainer.model, trainer.data_collator(rows)).backward()
+    grads = [p.grad for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert grads and all(g.shape[1] == 4 for g in grads)
+    assert all((g[:, 2:] == 0).all() for g in grads)  # safe's and short's units
+    assert all(g[:, :2].abs().sum() > 0 for g in grads)  # shared and kind
+
+
+def test_adapter_conditioning_needs_a_lora_of_sufficient_rank(tok, tmp_path):
+    with pytest.raises(ValueError, match=r"conditioning='adapter' gates a LoRA adapter by the preference"):
+        make_moc(tok, tmp_path, conditioning="adapter")
+    with pytest.raises(ValueError, match=r"rank r=4 cannot give 3 objectives preference_rank=2 units each"):
+        make_moc(tok, tmp_path, peft=True, conditioning="adapter", preference_rank=2)

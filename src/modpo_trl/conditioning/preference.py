@@ -136,13 +136,15 @@ def sample_preferences(
     heldout_radius: float = 0.05,
     seed: int = 0,
     max_tries: int = 1000,
+    group_size: int = 1,
 ) -> np.ndarray:
     """`num` rounded preferences over `n` objectives, shape `(num, n)`, reproducible from `seed`.
 
     - `"dirichlet"`: `Dirichlet(dirichlet_alpha)` draws (1: uniform on the simplex; < 1: towards the vertices),
       rounded; a draw within L1 distance `heldout_radius` of a held-out preference is drawn again.
     - `"grid"`: uniform over the rounded points of `simplex_grid(n, grid_steps)`, held-out points excluded (exactly,
-      after rounding both).
+      after rounding both). Each run of `group_size` consecutive rows (the copies of one example) gets distinct
+      points, drawn without replacement.
     """
     rng = np.random.default_rng(seed)
     heldout = np.asarray([round_preference(h) for h in heldout], dtype=np.float64).reshape(-1, n)
@@ -154,7 +156,16 @@ def sample_preferences(
                 f"heldout_preferences exclude every point of the grid with grid_steps={grid_steps}"
             )
         points = points[keep]
-        return points[rng.integers(len(points), size=num)]
+        if group_size > len(points):
+            raise ValueError(
+                f"preference_augmentation={group_size} copies need as many distinct grid points, but the grid with "
+                f"grid_steps={grid_steps} has {len(points)} (held-out points excluded)"
+            )
+        if group_size == 1:
+            return points[rng.integers(len(points), size=num)]
+        groups = -(-num // group_size)
+        picks = [rng.permutation(len(points))[:group_size] for _ in range(groups)]
+        return points[np.concatenate(picks)[:num]]
     if method != "dirichlet":
         raise ValueError(f"preference_sampling={method!r} is not valid; valid: ['dirichlet', 'grid']")
     out = np.empty((num, n))

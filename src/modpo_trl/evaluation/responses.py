@@ -36,6 +36,8 @@ def generation_fingerprint(
     commit) and every `model:` setting (dtype, attention, quantisation), adapter files, soup coefficients, MOD
     mixing rule and weights, prompts as the model sees them, sampling settings, backend."""
     model = recipe.model
+    # Only when set, so that other candidates keep the fingerprints (and caches) they had before the field existed.
+    gates = [candidate.adapter_preference] if candidate.adapter_preference is not None else []
     return fingerprint(
         "generation",
         path_fingerprint(model.path),
@@ -47,6 +49,7 @@ def generation_fingerprint(
         [path_fingerprint(p) for p in candidate.adapters()],
         [c for _, c in candidate.soup] if candidate.soup else None,
         {"rule": mod.RULE, "weights": [w for _, w in candidate.mixture]} if candidate.mixture else None,
+        *gates,
     )
 
 
@@ -77,6 +80,7 @@ def generate_all(recipe, todo, model_prompts, settings, backend, entries) -> Non
                     soup=candidate.soup,
                     mixture=candidate.mixture,
                     desc=f"Generating {candidate.key}",
+                    preference=candidate.adapter_preference,
                 )
                 entry["scores"], entry["error"] = {}, None
             except (OSError, ValueError) as e:  # an adapter that cannot load, a prompt the template rejects

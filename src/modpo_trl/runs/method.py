@@ -64,7 +64,9 @@ class Candidate:
     MOD mixture of adapters (decoded together, `modpo_trl.serving.mod`).
 
     Conditioned methods (one model for every preference) set `preference` and a `prompt_fn` that puts it into
-    the prompt (`render_preference`, `render_direction`); scorers still see the original prompt.
+    the prompt (`render_preference`, `render_direction`; scorers still see the original prompt), and/or
+    `adapter_preference`, the `w` a preference-gated adapter runs at (`modpo_trl.conditioning.svd_lora`), which the
+    generator sets before generating.
     """
 
     method: str
@@ -83,6 +85,7 @@ class Candidate:
     # v = (cos t, sin t) folds +t and -t together in cos t): evaluation interpolates over them (generalisation)
     # and measures controllability against them.
     parameter: dict[str, float] | None = None
+    adapter_preference: list[float] | None = None  # the w of a preference-gated adapter (svd_lora)
 
     @property
     def key(self) -> str:
@@ -110,6 +113,7 @@ class Candidate:
             "extreme": self.extreme,
             "held_out": self.held_out,
             "parameter": self.parameter,
+            "adapter_preference": self.adapter_preference,
         }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from datasets import Dataset
 
 from ..conditioning.preference import check_preference, condition_prompt, round_preference
+from ..conditioning.svd_lora import saved_conditioning
 from ..rewards.cache import content_fingerprint, path_fingerprint
 from ..rewards.sources import RewardSource
 from ..trainers.moc_config import MOCConfig
@@ -43,6 +44,12 @@ class MOC(Method):
                 )
         if all(objective.data is None for objective in recipe.objectives):
             raise RecipeError("method=moc needs at least one objective with `data`: the pairs it trains on")
+        conditioning = recipe.training.get("conditioning", MOCConfig.conditioning)
+        if conditioning != "prompt" and not recipe.lora.enabled:
+            raise RecipeError(
+                f"training.conditioning={conditioning!r} puts the preference into the LoRA adapter, but "
+                "lora.enabled is false; enable LoRA or use training.conditioning=prompt"
+            )
 
     def runs(self, recipe: Recipe, dry_run: bool = False) -> list[Run]:
         return [conditioned_run(MOCConfig, recipe, TAG, dry_run, objective_names=recipe.objective_names)]
@@ -57,13 +64,16 @@ class MOC(Method):
         pairs = [o.name for o in recipe.objectives if o.data is not None]
         margins = [o.name for o in recipe.objectives if o.data is None]
         radius = (
-            f" (L1 radius {args.heldout_radius})" if args.heldout_preferences and sampling != "grid" else ""
+            f" (L1 radius {args.heldout_radius})"
+            if args.heldout_preferences and args.preference_sampling != "grid"
+            else ""
         )
         labels = [weight_tag(w) + ("-heldout" if held else "") for w, held in evaluation_preferences(recipe)]
         return [
             f"# MOC: one adapter '{TAG}'; pairs from {pairs}; margin rewards for {margins or 'none'}; "
-            f"solver {args.moo_solver}",
-            f"# training preferences: {sampling}, held out: {args.heldout_preferences or 'none'}{radius}",
+            f"solver {args.moo_solver}, conditioning {args.conditioning}, control loss {args.control_loss}",
+            f"# training preferences: {sampling}, {args.preference_augmentation} per pair, "
+            f"held out: {args.heldout_preferences or 'none'}{radius}",
             f"# evaluated at {len(labels)} preference(s): {', '.join(labels)}",
         ]
 
@@ -99,7 +109,7 @@ class MOC(Method):
         self, recipe: Recipe, run_dir: Path, entries: dict[str, dict[str, Any]]
     ) -> list[Candidate]:
         """The one adapter at each `evaluation_preferences(recipe)`, labelled `w-0.30-0.70` (or
-        `w-0.50-0.50-heldout`), whose `prompt_fn` conditions every prompt on that preference, as in training."""
+        `w-0.50-0.50-heldout`), told that preference as in training (`_candidate`)."""
         entry = entries.get(TAG)
         if not is_done(entry, run_dir):
             return []
@@ -117,15 +127,23 @@ class MOC(Method):
 def _candidate(
     recipe: Recipe, run_dir: Path, entry: dict[str, Any], w: list[float], heldout: bool
 ) -> Candidate:
-    """The adapter asked for `w`: its `prompt_fn` conditions every prompt on `w`, as in training."""
+    """The adapter asked for `w` as it was trained (its folder says how, whatever the recipe says): a `prompt_fn`
+    that conditions every prompt on `w` (`conditioning` "prompt" or "both"), and the adapter's gates set to `w` (a
+    preference-gated adapter, `conditioning` "adapter" or "both")."""
+    adapter = run_dir / entry["adapter"]
+    conditioning = saved_conditioning(adapter)
+    gated, in_prompt = conditioning != "prompt", conditioning != "adapter"
     return Candidate(
         "moc",
         weight_tag(w) + ("-heldout" if heldout else ""),
         weights=list(w),
-        adapter=str(run_dir / entry["adapter"]),
+        adapter=str(adapter),
         preference=round_preference(w),  # what the prompt states, as in training
-        prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names),
+        prompt_fn=partial(condition_prompt, w=list(w), objective_names=recipe.objective_names)
+        if in_prompt
+        else None,
         held_out=heldout,
+        adapter_preference=list(w) if gated else None,
     )
 
 

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..conditioning.preference import simplex_grid
+from ..conditioning.preference import check_preference, simplex_grid
 from ..offline import offline_path
 from ..trainers.dpa_config import DPAConfig
 from ..trainers.moc_config import MOCConfig
@@ -251,7 +251,10 @@ class Recipe:
         return Path(self.output_dir) / self.run_name
 
     def weightings(self) -> list[list[float]]:
-        return parse_weights(self.sweep.weights, len(self.objectives), self.target_index)
+        """The sweep's weightings; for a conditioned method (one model, evaluated at these preferences) every
+        point of the simplex, vertices included; for MODPO the target's weight must be > 0 (it divides the loss)."""
+        target = self.target_index if self.method == "modpo" else None
+        return parse_weights(self.sweep.weights, len(self.objectives), target)
 
     def trainer_weights(self, weighting: list[float]) -> list[float]:
         """Recipe order -> MODPO order (target first, then the margin objectives in recipe order)."""
@@ -264,16 +267,17 @@ def weight_tag(weighting: list[float]) -> str:
     return "w-" + "-".join(f"{w:.2f}" for w in weighting)
 
 
-def parse_weights(spec: Any, n: int, target_index: int = 0) -> list[list[float]]:
-    """Resolves `sweep.weights` (list of vectors or `simplex(steps=N)`) and validates every vector."""
+def parse_weights(spec: Any, n: int, target_index: int | None = 0) -> list[list[float]]:
+    """Resolves `sweep.weights` (list of vectors or `simplex(steps=N)`) and validates every vector: on the simplex,
+    with the target's weight > 0 unless `target_index` is None."""
     if isinstance(spec, str):
         match = re.fullmatch(r"\s*simplex\(\s*steps\s*=\s*(\d+)\s*\)\s*", spec)
         if not match or int(match.group(1)) < 1:
             raise RecipeError(
                 f"sweep.weights={spec!r} is not valid; valid: a list of weight vectors, or 'simplex(steps=N)' with N >= 1"
             )
-        grid = [w for w in simplex_grid(n, int(match.group(1))) if w[target_index] > 0]
-        return grid
+        grid = simplex_grid(n, int(match.group(1)))
+        return grid if target_index is None else [w for w in grid if w[target_index] > 0]
     if not isinstance(spec, list | tuple) or not spec:
         raise RecipeError(
             f"sweep.weights={spec!r} must be a non-empty list of weight vectors or 'simplex(steps=N)'"
@@ -285,10 +289,12 @@ def parse_weights(spec: Any, n: int, target_index: int = 0) -> list[list[float]]
             raise RecipeError(
                 f"{key}={vector!r} must have {n} entries, one per objective (in the order of `objectives`)"
             )
-        # check_weights wants the target's weight first (it divides the loss), as MODPOConfig.weights has it
-        ordered = [vector[target_index], *(w for i, w in enumerate(vector) if i != target_index)]
         try:
-            check_weights(ordered, key if target_index == 0 else f"{key} (target first)")
+            if target_index is None:
+                check_preference(vector, n, key)
+            else:  # check_weights wants the target's weight first (it divides the loss), as MODPOConfig has it
+                ordered = [vector[target_index], *(w for i, w in enumerate(vector) if i != target_index)]
+                check_weights(ordered, key if target_index == 0 else f"{key} (target first)")
         except ValueError as e:
             raise RecipeError(str(e)) from None
         out.append([float(w) for w in vector])

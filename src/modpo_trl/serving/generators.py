@@ -21,6 +21,7 @@ from accelerate import PartialState
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel
 
+from ..conditioning import svd_lora
 from ..generation import SamplingSettings, encode_prompt, generate_texts
 from ..loading import load_tokenizer
 from ..offline import ensure_offline_model
@@ -90,14 +91,18 @@ class TransformersGenerator:
         desc: str = "Generating",
         mixture: Soup | None = None,
         settings: SamplingSettings | None = None,
+        preference: list[float] | None = None,
     ) -> list[str]:
         """Responses of the base model (`adapter`, `soup` and `mixture` None), of one adapter, of a soup, or of a
-        MOD mixture of adapters; sampled with `settings` (default: the generator's)."""
+        MOD mixture of adapters; sampled with `settings` (default: the generator's). `preference` is the `w` a
+        preference-gated adapter runs at."""
         settings = settings or self.settings
         if mixture:
-            decoder = MODDecoder([self._load(path) for path, _ in mixture], [w for _, w in mixture])
+            names = [self._load(path) for path, _ in mixture]
+            self._check_ungated("a MOD mixture", [path for path, _ in mixture], names)
+            decoder = MODDecoder(names, [w for _, w in mixture])
             return generate_texts(self.model, self.tokenizer, prompts, settings, desc, decode=decoder)
-        with self._activated(adapter, soup) as model:
+        with self._activated(adapter, soup, preference) as model:
             return generate_texts(model, self.tokenizer, prompts, settings, desc)
 
     def release(self, adapter: str) -> None:
@@ -130,6 +135,9 @@ class TransformersGenerator:
                 config.inference_mode = True
                 self.model = PeftModel(self.model, config, adapter_name=name)
             self.model.load_adapter(adapter, adapter_name=name)
+            layout = svd_lora.PreferenceLoRA.load(adapter)
+            if layout is not None:  # a preference-gated adapter: runs only with its w set
+                svd_lora.attach(self.model, layout, name)
         except Exception as e:
             if isinstance(self.model, PeftModel) and name in self.model.peft_config:
                 self._delete(name)  # half-loaded (e.g. corrupt weights): leave no trace
@@ -143,6 +151,7 @@ class TransformersGenerator:
         if key in self._soups:
             return self._soups[key]
         names = [self._load(path) for path, _ in key]
+        self._check_ungated("a soup", [path for path, _ in key], names)
         name = f"soup_{self._count}"
         self._count += 1
         try:
@@ -155,21 +164,41 @@ class TransformersGenerator:
         self._soups[key] = name
         return name
 
+    def _gated(self) -> dict[str, svd_lora.PreferenceLoRA]:
+        return svd_lora.gated_adapters(self.model) if isinstance(self.model, PeftModel) else {}
+
+    def _check_ungated(self, what: str, paths: list[str], names: list[str]) -> None:
+        gated = [path for path, name in zip(paths, names, strict=True) if name in self._gated()]
+        if gated:
+            raise ValueError(f"preference-gated adapters cannot enter {what}: {gated}")
+
     def _delete(self, name: str) -> None:
         with warnings.catch_warnings():  # "adapter X was active": every generation sets its own adapter first
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
             self.model.delete_adapter(name)
 
     @contextmanager
-    def _activated(self, adapter: str | None, soup: Soup | None) -> Iterator[PreTrainedModel]:
+    def _activated(
+        self, adapter: str | None, soup: Soup | None, w: list[float] | None = None
+    ) -> Iterator[PreTrainedModel]:
         if soup:
             name = self._soup(soup)  # first: it may replace self.model by its PeftModel
             self.model.set_adapter(name)
             yield self.model
         elif adapter is not None:
             name = self._load(adapter)  # first: it may replace self.model by its PeftModel
+            if (name in self._gated()) != (w is not None):
+                raise ValueError(
+                    f"the adapter {adapter} is preference-gated and needs a preference"
+                    if w is None
+                    else f"a preference was given for {adapter}, which is not preference-gated"
+                )
             self.model.set_adapter(name)
-            yield self.model
+            if w is None:
+                yield self.model
+            else:
+                with svd_lora.preference(self.model, w, adapter_name=name):
+                    yield self.model
         elif not isinstance(self.model, PeftModel):
             yield self.model
         elif self.model.peft_config:
@@ -215,6 +244,7 @@ class VLLMGenerator:
         desc: str = "Generating",
         mixture: Soup | None = None,
         settings: SamplingSettings | None = None,
+        preference: list[float] | None = None,
     ) -> list[str]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
@@ -227,6 +257,9 @@ class VLLMGenerator:
             if self._soup_builder is None:
                 self._soup_builder = TransformersGenerator(self.recipe, self.settings, device="cpu")
             adapter = str(self._soup_builder.save_soup(soup, self._soup_dir / f"soup_{len(self._ids)}"))
+        if preference is not None:  # vLLM runs no gates: the plain adapter equal to the gated one at w
+            folder = self._soup_dir / f"w_{len(self._ids)}"
+            adapter = str(svd_lora.fixed_preference_adapter(adapter, preference, folder))
         request = None
         if adapter is not None:
             lora_id = self._ids.setdefault(str(adapter), len(self._ids) + 1)

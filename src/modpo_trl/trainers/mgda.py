@@ -7,6 +7,11 @@ multi-task solver: Sener & Koltun, 2018, "Multi-Task Learning as Multi-Objective
 have a closed form; up to `EXACT_UP_TO` are solved exactly, face by face of the simplex; more by Frank-Wolfe on
 the Gram matrix (the pairwise variant, which moves weight from the worst vertex in the support to the best one and
 converges linearly on the simplex), with a warning naming the duality gap when it stops at `max_iter` first.
+
+`descent_coefficients` adds the scale normalisation and a preference over the losses (`weights`). Fed gradients
+with respect to a shared intermediate tensor rather than the parameters (as `MOCTrainer` does with the per-sequence
+log-probs), the solve is Sener & Koltun's MGDA-UB: it minimises an upper bound of the parameter-space norm, and
+its direction is a common descent direction for that tensor, not guaranteed one for the parameters.
 """
 
 from __future__ import annotations
@@ -127,7 +132,11 @@ def _frank_wolfe(gram: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
 
 
 def descent_coefficients(
-    grads: torch.Tensor, normalization: str = "l2", max_iter: int = 250, tol: float = 1e-10
+    grads: torch.Tensor,
+    normalization: str = "l2",
+    max_iter: int = 250,
+    tol: float = 1e-10,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Coefficients `c` on the simplex for the losses whose gradients are `grads` `(k, d)`, such that
     `sum_i c_i g_i` is MGDA's common descent direction (it decreases every loss, unless none can be).
@@ -138,16 +147,35 @@ def descent_coefficients(
       rescaled to the raw gradients (`c_i` proportional to `alpha_i / ||g_i||`): the direction no longer depends on
       the scale of each loss, the step stays that of a convex combination of the losses. A zero gradient (that
       loss is already stationary) gets no weight.
+
+    `weights` (`(k,)`, `>= 0`, not all 0): a preference `rho` over the losses. The solver then finds the min-norm
+    point `d` of the hull of `v_i = g_i / rho_i` (unit `g_i` with `"l2"`). Its optimality conditions,
+    `v_i . d >= ||d||^2` for every `i` (equality where `alpha_i > 0`), say that every loss decreases along `d` at a
+    rate of at least `rho_i ||d||^2`: the update keeps each loss's preference share, and resolves conflicts by
+    protecting the loss that falls furthest behind its share (the steepest direction of the weighted Chebyshev
+    scalarisation `max_i rate_i / rho_i`). For non-conflicting (orthogonal) gradients it is the linear
+    combination `sum_i rho_i u_i` of the unit gradients. A loss with `rho_i = 0` gets no weight. Without `weights`
+    every `rho_i` is 1: plain MGDA, which balances the losses whatever the preference.
     """
-    if normalization == "none":
-        return min_norm_coefficients(grads, max_iter, tol)
-    if normalization != "l2":
+    if normalization not in ("l2", "none"):
         raise ValueError(f"normalization={normalization!r} is not valid; valid: ['l2', 'none']")
-    norms = grads.double().norm(dim=1)
-    live = norms > 0
-    coefficients = torch.zeros_like(norms)
-    if not live.any():
-        return torch.full_like(grads[:, 0], 1.0 / grads.size(0))
-    unit = grads[live].double() / norms[live, None]
-    coefficients[live] = min_norm_coefficients(unit, max_iter, tol) / norms[live]
+    k = grads.size(0)
+    rho = torch.ones(k, dtype=torch.float64) if weights is None else _check_weights(weights, k)
+    norms = grads.double().norm(dim=1).cpu()
+    scale = norms * rho if normalization == "l2" else rho  # v_i = g_i / scale_i
+    live = (rho > 0) & (norms > 0) if normalization == "l2" else rho > 0
+    if not live.any():  # nothing left to descend: the preference itself
+        return (rho / rho.sum()).to(dtype=grads.dtype, device=grads.device)
+    coefficients = torch.zeros(k, dtype=torch.float64)
+    vertices = grads[live].double().cpu() / scale[live, None]
+    coefficients[live] = min_norm_coefficients(vertices, max_iter, tol) / scale[live]
     return (coefficients / coefficients.sum()).to(dtype=grads.dtype, device=grads.device)
+
+
+def _check_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
+    rho = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().flatten()
+    if rho.numel() != k or not torch.isfinite(rho).all() or (rho < 0).any() or rho.sum() <= 0:
+        raise ValueError(
+            f"weights={rho.tolist()} must be {k} finite numbers >= 0, not all 0 (one per gradient)"
+        )
+    return rho

@@ -24,8 +24,10 @@ PAIR_LOSS_TYPES = (
     "discopop",
     "sigmoid_norm",
 )
-MOO_SOLVERS = ("mgda", "linear")
+MOO_SOLVERS = ("weighted_mgda", "mgda", "linear")
 MGDA_NORMALIZATIONS = ("l2", "none")
+CONDITIONINGS = ("prompt", "adapter", "both")
+CONTROL_LOSSES = ("zscore", "paired")
 
 
 @dataclass
@@ -34,17 +36,19 @@ class MOCConfig(DPOConfig):
     Configuration class for the [`MOCTrainer`]: every [`~trl.DPOConfig`] field plus the ones below.
 
     MOC (after "One Model for All: Multi-Objective Controllable Language Models") trains ONE policy conditioned on
-    a preference `w` over the objectives (rendered into the prompt by `modpo_trl.conditioning.preference.condition_prompt`), so
-    that a single adapter covers the whole front. Here it is RL-free: every pair carries one objective's label and
-    is trained with a DPO loss under its example's conditioned prompt; objectives without pairs enter through their
-    frozen reward as MODPO's margin.
+    a preference `w` over the objectives, so that a single adapter covers the whole front. `w` enters the model as
+    prompt text (`modpo_trl.conditioning.preference.condition_prompt`, the paper's way), inside the LoRA adapter
+    (`modpo_trl.conditioning.svd_lora`, Panacea's way), or both. Here it is RL-free: every pair carries one
+    objective's label and is trained with a DPO loss under its example's `w`; objectives without pairs enter
+    through their frozen reward as MODPO's margin.
 
     Per pair b, labelled by objective i, with preference w, D the objectives with pairs, dr_j the chosen-minus-rejected
-    margin reward of an objective j without pairs, and t = max(sum_{m in D} w_m, 0.01) (see `MOCTrainer`):
+    margin reward of an objective j without pairs, m_b = beta * (log-ratio of chosen - log-ratio of rejected) the
+    implicit reward margin, and t = max(sum_{m in D} w_m, 0.01) (see `MOCTrainer`):
 
-        z_b = (beta * (log-ratio of chosen - log-ratio of rejected) - sum_j w_j dr_j) / t     # MODPO's logit
+        z_b = (m_b - sum_j w_j dr_j) / t                                        # MODPO's logit
         L_i = weighted mean over objective i's pairs of -log sigmoid(z_b), pair weight t * w_i / sum_{m in D} w_m
-        C   = mean over objectives of MSE(zscore(achieved implicit reward), zscore(w_i)) = 2 (1 - Pearson r)
+        C   = the controllability loss (`control_loss`)
 
     With `w = e_k` this is exactly DPO on objective k's pairs; with one objective with pairs and the others rewards
     it is MODPO's loss at every `w`; without margins the linear combination is `sum_i w_i L_i`.
@@ -53,15 +57,31 @@ class MOCConfig(DPOConfig):
         objective_names (`list[str]`):
             One name per objective, in the order of the preference vector `w`. Every objective needs pairs (rows of
             `train_dataset` whose `objective` column names it) or a margin reward (`margin_rewards[name]`).
+        conditioning (`str`, *optional*, defaults to `"prompt"`):
+            How the model is told `w`. `"prompt"`: a line in the prompt ("Preference weights: relevance=0.70,
+            brevity=0.30.", the MOC paper's way). `"adapter"`: the LoRA adapter's bottleneck is gated by `w`
+            (Panacea's SVD-LoRA: `r - n * preference_rank` shared units, `preference_rank` units per objective scaled
+            by its weight; `modpo_trl.conditioning.svd_lora`); the prompt stays as it is. `"both"`: the two at
+            once. Adapter conditioning needs a LoRA `peft_config` (or a LoRA `PeftModel`); the saved adapter folder
+            then holds `preference_lora.json`, and runs only with an explicit `w`
+            (`svd_lora.load_preference_adapter`, `svd_lora.apply_preference`).
+        preference_rank (`int`, *optional*, defaults to `2`):
+            LoRA units per objective under adapter conditioning (Panacea uses 1); the LoRA rank `r` must be at least
+            `n * preference_rank`, the rest are shared.
         preference_sampling (`str`, *optional*, defaults to `"dirichlet"`):
             How each example's `w` is drawn, once, when the data set is prepared (seeded by `seed`; an example keeps
             its `w` every epoch, which is what lets reference log-probs be precomputed): `"dirichlet"` draws from
             `Dirichlet(dirichlet_alpha)`, `"grid"` uniformly from the points of a simplex grid with `grid_steps`
-            steps. Draws are rounded to 2 decimals (the precision of the rendered preference).
+            steps (vertices included). Draws are rounded to 2 decimals (the precision of the rendered preference).
         dirichlet_alpha (`float`, *optional*, defaults to `1.0`):
             Concentration: 1 is uniform on the simplex, < 1 favours the vertices, > 1 the centre.
         grid_steps (`int`, *optional*, defaults to `10`):
             Grid resolution for `"grid"` (entries in {0, 1/steps, ..., 1}; steps dividing 100 keep points exact).
+        preference_augmentation (`int`, *optional*, defaults to `1`):
+            Copies of every pair, each under its own preference (`"grid"`: distinct grid points, so with as many
+            copies as grid points every pair is seen at every point, the vertices included). The copies of a pair
+            are kept in the same batch (in order, shuffled by pair), which is what `control_loss="paired"` compares.
+            The training set grows by this factor: an epoch is that many times longer.
         heldout_preferences (`list[list[float]]`, *optional*):
             Preferences never trained on, to measure generalisation: grid points equal to one are excluded; Dirichlet
             draws within L1 distance `heldout_radius` of one are drawn again.
@@ -69,22 +89,38 @@ class MOCConfig(DPOConfig):
             L1 radius of the held-out neighbourhoods for `"dirichlet"`.
         moo_solver (`str`, *optional*, defaults to `"mgda"`):
             How the per-objective losses `L_i` and the control loss `control_weight * C` are combined each step.
-            `"mgda"` (MOC's min-norm solver "at the policy level", the default: it is the method, and costs
-            `k` backward passes through the loss head only): the gradient of each loss with respect to the batch's
-            per-sequence policy log-probs `[log pi(chosen); log pi(rejected)]` (a tensor of shape `(2B,)` that every
-            loss is a function of) is taken with `torch.autograd.grad`, the min-norm combination of these `k` small
-            vectors is found (`modpo_trl.trainers.mgda`: closed form for 2, exact up to 8, Frank-Wolfe for more), and `sum_i alpha_i loss_i`
-            is back-propagated once: no extra pass through the model. Losses computed on disjoint pairs have
-            orthogonal gradients in that space, so between them MGDA only balances scales; it resolves the conflicts
-            between each `L_i` and `C`, which share every pair. `"linear"`: the conditioned-MODPO baseline,
-            `alpha_i` = objective i's share of the batch's pair weight, plus `control_weight * C`. Losses without
-            signal in a batch (no weighted pairs; the same `w` on every row) are left out. Evaluation losses always
-            use the linear combination, so runs with either solver compare.
+            `"linear"`: the conditioned-MODPO baseline, `alpha_i` = objective i's share of the batch's pair weight,
+            plus `control_weight * C`. `"mgda"` (MOC's min-norm solver "at the policy level", the paper's): the
+            gradient of each loss with respect to the batch's per-sequence policy log-probs
+            `[log pi(chosen); log pi(rejected)]` (a `(2B,)` tensor every loss is a function of) is taken with
+            `torch.autograd.grad`, the min-norm combination of these `k` small vectors is found
+            (`modpo_trl.trainers.mgda`: closed form for 2, exact up to 8, Frank-Wolfe for more), and `sum_i alpha_i loss_i` is back-propagated once: no extra pass through
+            the model. This is MGDA-UB (Sener & Koltun): min-norm on gradients of a shared intermediate tensor,
+            which bounds the parameter-space problem but is not guaranteed to be a common descent direction for the
+            parameters. It also ignores the preference between objectives: their losses are computed on disjoint
+            pairs, so their log-prob gradients are orthogonal and min-norm gives each a share proportional to
+            `1 / ||g_i||`, whatever `w` says. `"weighted_mgda"`: the same solve on the gradients divided by their
+            linear coefficients (`mgda.descent_coefficients(weights=...)`: objective shares and `control_weight`):
+            every loss then decreases at a rate of at least its share, non-conflicting objectives keep exactly
+            their preference shares, and conflicts (between an objective and `C`, which share pairs) are resolved
+            in favour of the loss furthest behind its share. Losses without signal in a batch (no weighted pairs;
+            no control signal) are left out. Evaluation losses always use the linear combination, so runs with
+            any solver compare.
         mgda_normalization (`str`, *optional*, defaults to `"l2"`):
             `"l2"`: the solver sees unit gradients and its coefficients are rescaled to the raw losses
             (`modpo_trl.trainers.mgda.descent_coefficients`), so the update direction does not depend on the losses' scales
             (`C` is scale-free and its gradient is large while the achieved rewards barely differ, early in
             training). `"none"`: plain MGDA, where the loss with the smallest gradient takes most of the weight.
+        control_loss (`str`, *optional*, defaults to `"zscore"`):
+            The controllability loss `C`, which asks each objective's achieved implicit reward margin `m_b` (on its
+            own pairs; for an objective with only a reward, on every pair, oriented by the sign of `dr_j`) to rise
+            with that objective's weight. `"zscore"` (MOC's MSE between achieved rewards and the preference): the
+            mean over objectives of `MSE(zscore(m), zscore(w_i))` across the batch, `2 (1 - Pearson r)`; it compares
+            different pairs, and with two rows of an objective it sees only their order. `"paired"`: for every two
+            copies `a`, `b` of the SAME pair in the batch (`preference_augmentation >= 2`) and every objective
+            with `w_a,i > w_b,i`, the logistic loss `-log sigmoid(s (m_a - m_b))` (`s` = 1, or the sign of
+            `dr_j`), averaged with weights `w_a,i - w_b,i`: a differentiable Kendall concordance between weight and
+            margin on identical content, on DPO's logit scale.
         control_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the controllability loss `C`. `moo_solver="linear"` with `control_weight=0` is plain
             preference-conditioned MODPO.
@@ -104,13 +140,20 @@ class MOCConfig(DPOConfig):
     log-likelihoods), and `f_divergence_type` other than `"reverse_kl"` (as in [`MODPOConfig`] with margins).
 
     Logged metrics: TRL's `rewards/*` (`beta` x log-ratios, before margins), `logps/*` and `entropy`, plus
-    `moc/loss_<name>` (L_i), `moc/control_mse` (C, unweighted), `moc/alpha_<name>` and `moc/alpha_control` (the
+    `moc/loss_<name>` (L_i), `moc/control` (C, unweighted), `moc/alpha_<name>` and `moc/alpha_control` (the
     coefficients each loss was back-propagated with; 0 for a loss left out of a batch and for objectives without
     pairs, which have no loss of their own).
     """
 
     objective_names: list[str] | None = field(
         default=None, metadata={"help": "Names of the objectives, in the order of the preference vector."}
+    )
+    conditioning: str = field(
+        default="prompt",
+        metadata={"help": "How w enters the model: 'prompt', 'adapter' (SVD-LoRA) or 'both'."},
+    )
+    preference_rank: int = field(
+        default=2, metadata={"help": "LoRA units per objective under adapter conditioning."}
     )
     preference_sampling: str = field(
         default="dirichlet", metadata={"help": "How training preferences are drawn: 'dirichlet' or 'grid'."}
@@ -119,13 +162,22 @@ class MOCConfig(DPOConfig):
     grid_steps: int = field(
         default=10, metadata={"help": "Steps of the simplex grid for preference_sampling='grid'."}
     )
+    preference_augmentation: int = field(
+        default=1, metadata={"help": "Copies of every pair, each under its own preference."}
+    )
     heldout_preferences: list[list[float]] | None = field(
         default=None, metadata={"help": "Preferences never trained on (generalisation is measured on them)."}
     )
     heldout_radius: float = field(
         default=0.05, metadata={"help": "L1 radius around held-out preferences that Dirichlet draws avoid."}
     )
-    moo_solver: str = field(default="mgda", metadata={"help": "How losses are combined: 'mgda' or 'linear'."})
+    moo_solver: str = field(
+        default="mgda",
+        metadata={"help": "How losses are combined: 'weighted_mgda', 'mgda' or 'linear'."},
+    )
+    control_loss: str = field(
+        default="zscore", metadata={"help": "Controllability loss: 'zscore' (across pairs) or 'paired'."}
+    )
     control_weight: float = field(default=1.0, metadata={"help": "Weight of the controllability loss."})
     mgda_normalization: str = field(
         default="l2",
@@ -167,13 +219,15 @@ class MOCConfig(DPOConfig):
             raise ValueError(f"objective_names={list(names)} must be unique")
         _check_choice("preference_sampling", self.preference_sampling, PREFERENCE_SAMPLINGS)
         _check_choice("moo_solver", self.moo_solver, MOO_SOLVERS)
+        _check_choice("conditioning", self.conditioning, CONDITIONINGS)
+        _check_choice("control_loss", self.control_loss, CONTROL_LOSSES)
         _check_choice("mgda_normalization", self.mgda_normalization, MGDA_NORMALIZATIONS)
         check_margin_fields(self)
         _check_number("dirichlet_alpha", self.dirichlet_alpha, strict=True)
         _check_number("heldout_radius", self.heldout_radius, strict=False)
         _check_number("control_weight", self.control_weight, strict=False)
         _check_number("mgda_tol", self.mgda_tol, strict=True)
-        for name in ("grid_steps", "mgda_max_iter"):
+        for name in ("grid_steps", "mgda_max_iter", "preference_rank", "preference_augmentation"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -192,11 +246,6 @@ class MOCConfig(DPOConfig):
             raise ValueError(
                 f"f_divergence_type={self.f_divergence_type!r} is not supported by MOC: its margins enter as a shift "
                 "of the implicit rewards, which only the reverse KL gives; valid: ['reverse_kl']"
-            )
-        if self.label_smoothing != 0 or self.loss_weights is not None:  # the per-pair loss reads neither
-            raise ValueError(
-                f"label_smoothing={self.label_smoothing!r} / loss_weights={self.loss_weights!r} are not used by MOC; "
-                "valid: label_smoothing=0.0, loss_weights=None"
             )
         if self.ld_alpha is not None or self.use_weighting:
             raise ValueError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset, concatenate_datasets
+from peft import LoraConfig, PeftModel
+from torch.utils.data import Sampler
 from trl import DPOTrainer
 
 from ..conditioning.preference import check_preference, condition_prompt, sample_preferences
+from ..conditioning.svd_lora import PreferenceLoRA, apply_preference, attach
 from ..rewards.sources import RewardSource, as_reward_source
 from .margins import (
     MARGIN_COLUMNS,
@@ -27,6 +30,7 @@ from .mgda import descent_coefficients
 from .moc_config import MOCConfig
 
 OBJECTIVE, OBJECTIVE_ID, PREFERENCE = "objective", "objective_id", "preference"
+PAIR = "pair_index"  # the copies of one pair under several preferences (preference_augmentation) share it
 # The prompt may be implicit in chosen/rejected (whole conversations): it is extracted as TRL does.
 REQUIRED_COLUMNS = ("chosen", "rejected", OBJECTIVE)
 # MODPO divides by the preference mass on the objectives with pairs: kept >= the precision of a rendered preference.
@@ -49,10 +53,11 @@ class MOCTrainer(DPOTrainer):
         `ImplicitReward` or `ColumnReward`). They are scored on the unconditioned pairs with MODPOTrainer's code and
         cache (so a MODPO sweep's scores are reused), once or per batch as `margin_scoring` says.
 
-    Each row's prompt is conditioned on its `w` (`modpo_trl.conditioning.preference.condition_prompt`) before tokenisation. Per
-    pair b of objective i with preference w, `delta_b` the chosen-minus-rejected policy/reference log-ratio, `dr_j`
-    the chosen-minus-rejected margin reward of objective j (0 for objectives with pairs), `D` the objectives with
-    pairs and `t = max(sum_{m in D} w_m, 0.01)`:
+    Each row's `w` reaches the model through its prompt (`condition_prompt`, before tokenisation), through the
+    LoRA adapter's gates (`modpo_trl.conditioning.svd_lora`, set row by row for every forward pass) or both
+    (`MOCConfig.conditioning`). Per pair b of objective i with preference w, `delta_b` the chosen-minus-rejected
+    policy/reference log-ratio, `dr_j` the chosen-minus-rejected margin reward of objective j (0 for objectives with
+    pairs), `D` the objectives with pairs and `t = max(sum_{m in D} w_m, 0.01)`:
 
         z_b   = (beta * delta_b - sum_j w_j dr_j) / t           # MODPO's logit with target mass t
         l_b   = -log sigmoid(z_b)                               # "sigmoid"; TRL's other pair losses likewise
@@ -62,10 +67,9 @@ class MOCTrainer(DPOTrainer):
 
     so `w = e_k` gives exactly DPO on objective k's pairs, and with one objective in `D` every `w` gives MODPO's loss
     (weighted by its target weight, which keeps each pair's gradient bounded as that weight goes to 0). The
-    controllability loss `C` asks the achieved implicit reward `beta * delta_b` of each objective (on its own pairs;
-    for an objective with only a reward, on every pair, oriented by the sign of `dr_j`) to rise with that
-    objective's weight across the batch: the MSE between their z-scores, `2 (1 - Pearson r)`, a differentiable
-    stand-in for MOC's controllability metric (rank correlation between requested weight and achieved reward).
+    controllability loss `C` (`zscore_control_loss` or `paired_control_loss`) asks the achieved implicit reward
+    `beta * delta_b` of each objective to rise with that objective's weight; the solver (`MOCConfig.moo_solver`)
+    combines the `L_i` and `C`.
     """
 
     _tag_names = ["trl", "moc", "modpo_trl"]
@@ -117,6 +121,11 @@ class MOCTrainer(DPOTrainer):
         # Scored with MODPOTrainer's code and cache keys, so a MODPO sweep's margins are reused.
         self._margins = MarginScorer.for_config(self.margin_sources, args)
         self._has_pairs = torch.tensor([n not in margin_rewards for n in names])
+        # Adapter conditioning: the layout is checked before anything expensive (scoring, reference log-probs).
+        self.preference_layout = None
+        if args.conditioning != "prompt":
+            rank = _lora_rank(model, peft_config, args.conditioning)
+            self.preference_layout = PreferenceLoRA.for_rank(names, rank, args.preference_rank)
 
         train_dataset = self._prepare_preferences(train_dataset, "train_dataset", args, args.seed)
         if isinstance(eval_dataset, dict):
@@ -142,6 +151,8 @@ class MOCTrainer(DPOTrainer):
             peft_config=peft_config,
         )
         self.data_collator = PreferenceCollator(MarginCollator(self.data_collator))
+        if self.preference_layout is not None:
+            attach(self.model, self.preference_layout, _active_adapter(self.model))
 
     # ------------------------------------------------------------------------------------------------ data
     def _prepare_preferences(
@@ -152,6 +163,12 @@ class MOCTrainer(DPOTrainer):
         _check_dataset(dataset, field_name)
         dataset = with_explicit_prompt(dataset, args.dataset_num_proc, field_name)
         if isinstance(dataset, IterableDataset):
+            if args.preference_augmentation > 1:
+                raise ValueError(
+                    f"preference_augmentation={args.preference_augmentation} repeats every pair of a map-style "
+                    f"data set, but {field_name} is streamed (an IterableDataset); use preference_augmentation=1 "
+                    "or a map-style data set"
+                )
             return self._margins.add(dataset, field_name).map(
                 self._stream_row,
                 with_indices=True,
@@ -176,13 +193,21 @@ class MOCTrainer(DPOTrainer):
                 )
         dataset = self._margins.add(dataset, field_name)
         ids = [names.index(label) for label in dataset[OBJECTIVE]]
-        dataset = dataset.remove_columns([c for c in (OBJECTIVE_ID,) if c in dataset.column_names])
-        dataset = dataset.add_column(OBJECTIVE_ID, ids)
-        if PREFERENCE in dataset.column_names:
+        dataset = dataset.remove_columns([c for c in (OBJECTIVE_ID, PAIR) if c in dataset.column_names])
+        dataset = dataset.add_column(OBJECTIVE_ID, ids).add_column(PAIR, list(range(len(dataset))))
+        if PREFERENCE in dataset.column_names:  # the caller's preferences: no sampling, no copies
             for i, w in enumerate(dataset[PREFERENCE]):
                 check_preference(w, len(names), f"{field_name}[{i}][{PREFERENCE!r}]")
         else:
-            dataset = dataset.add_column(PREFERENCE, _draw_preferences(args, len(dataset), seed).tolist())
+            copies = args.preference_augmentation
+            if copies > 1:  # the copies of a pair are consecutive rows: the sampler keeps them together
+                dataset = dataset.select(np.repeat(np.arange(len(dataset)), copies))
+            weights = _draw_preferences(args, len(dataset), seed, group_size=copies)
+            dataset = dataset.add_column(PREFERENCE, weights.tolist())
+        if (
+            args.conditioning == "adapter"
+        ):  # the prompt stays as it is: w reaches the model through the adapter
+            return dataset
         return dataset.map(
             lambda row: {"prompt": condition_prompt(row["prompt"], row[PREFERENCE], names)},
             desc=f"Conditioning {field_name} prompts on their preference",
@@ -206,24 +231,51 @@ class MOCTrainer(DPOTrainer):
         else:
             row_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
             w = _draw_preferences(args, 1, row_seed)[0].tolist()
-        return {
-            "prompt": condition_prompt(row["prompt"], w, names),
-            OBJECTIVE_ID: names.index(label),
-            PREFERENCE: w,
-        }
+        prompt = (
+            row["prompt"] if args.conditioning == "adapter" else condition_prompt(row["prompt"], w, names)
+        )
+        return {"prompt": prompt, OBJECTIVE_ID: names.index(label), PREFERENCE: w, PAIR: index}
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in (*MARGIN_COLUMNS, OBJECTIVE_ID, PREFERENCE):
+        for column in (*MARGIN_COLUMNS, OBJECTIVE_ID, PREFERENCE, PAIR):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
     def compute_ref_log_probs(self, model, inputs):
         # TRL passes every batch entry it does not know to the model's forward: only model inputs may reach it.
         model_inputs = {
-            k: v for k, v in without_margins(inputs).items() if k not in (PREFERENCE, OBJECTIVE_ID)
+            k: v for k, v in without_margins(inputs).items() if k not in (PREFERENCE, OBJECTIVE_ID, PAIR)
         }
         return super().compute_ref_log_probs(model, model_inputs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.preference_augmentation == 1:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return PairGroupSampler(dataset[PAIR], seed=self.args.data_seed or self.args.seed)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Saves the adapter as `DPOTrainer` does, plus the preference layout of an adapter-conditioned one."""
+        super().save_model(output_dir, _internal_call)
+        if self.preference_layout is not None and self.args.should_save:
+            self.preference_layout.save(output_dir or self.args.output_dir, self.args.conditioning == "both")
+
+    def training_step(self, *args, **kwargs):
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:  # a forward outside a step must not run at a batch's preferences
+            self._unset_preferences()
+
+    def prediction_step(self, *args, **kwargs):
+        try:
+            return super().prediction_step(*args, **kwargs)
+        finally:
+            self._unset_preferences()
+
+    def _unset_preferences(self) -> None:
+        if self.preference_layout is not None:
+            apply_preference(self.model, None)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset handed to `evaluate` directly needs margins and conditioned prompts too.
@@ -245,12 +297,20 @@ class MOCTrainer(DPOTrainer):
         if return_outputs:
             raise ValueError("MOCTrainer does not return model outputs (compute_metrics is not supported)")
         inputs = dict(inputs)
-        preferences, objective_ids = inputs.pop(PREFERENCE), inputs.pop(OBJECTIVE_ID)
+        preferences, objective_ids, pair_ids = (
+            inputs.pop(PREFERENCE),
+            inputs.pop(OBJECTIVE_ID),
+            inputs.pop(PAIR),
+        )
         chosen_r, rejected_r = self._margins.pop(inputs)  # NaN: a reward that does not apply to the pair
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs.pop("ref_chosen_logps"), inputs.pop("ref_rejected_logps")
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        if self.preference_layout is not None:
+            # Adapter conditioning: each row of [chosen; rejected] runs at its own w. Left set until the step is
+            # over (`training_step`, `prediction_step`): activation checkpointing re-runs the forward in backward.
+            apply_preference(model, torch.cat([preferences, preferences]))
         logps, outputs = self._sequence_logps(model, inputs)  # (2B,): the tensor MGDA works on
         chosen_logps, rejected_logps = logps.chunk(2)
         chosen_logratios, rejected_logratios = chosen_logps - ref_chosen, rejected_logps - ref_rejected
@@ -266,17 +326,29 @@ class MOCTrainer(DPOTrainer):
         lengths = inputs["completion_mask"].sum(dim=1).float().chunk(2)
         per_pair = pair_losses(chosen_rewards, rejected_rewards, self.beta / t, lengths, self.args)
         losses, linear = moc_losses(per_pair, preferences, objective_ids, has_pairs)
-        if self.args.control_weight > 0:
-            control = control_loss(self.beta * delta, preferences, objective_ids, margin_diffs, has_pairs)
+        args = self.args
+        if args.control_weight > 0:
+            achieved = self.beta * delta
+            if args.control_loss == "paired":
+                control = paired_control_loss(
+                    achieved, preferences, objective_ids, pair_ids, margin_diffs, has_pairs
+                )
+            else:
+                control = zscore_control_loss(achieved, preferences, objective_ids, margin_diffs, has_pairs)
             if control is not None:
-                losses["control"] = self.args.control_weight * control
+                losses["control"] = args.control_weight * control
                 linear["control"] = 1.0
-        keys, args = list(losses), self.args
-        if args.moo_solver == "mgda" and logps.requires_grad and len(keys) > 1:
-            # MGDA on the gradients w.r.t. the (2B,) log-probs: k small vectors, no extra pass through the model.
+        keys = list(losses)
+        if args.moo_solver != "linear" and logps.requires_grad and len(keys) > 1:
+            # MGDA-UB on the gradients w.r.t. the (2B,) log-probs: k small vectors, no extra pass through the model.
             grads = torch.stack([torch.autograd.grad(losses[k], logps, retain_graph=True)[0] for k in keys])
+            weights = None
+            if (
+                args.moo_solver == "weighted_mgda"
+            ):  # the linear shares, with control_weight for C (inside its loss)
+                weights = torch.tensor([args.control_weight if k == "control" else linear[k] for k in keys])
             coefficients = descent_coefficients(
-                grads, args.mgda_normalization, args.mgda_max_iter, args.mgda_tol
+                grads, args.mgda_normalization, args.mgda_max_iter, args.mgda_tol, weights=weights
             )
             alphas = dict(zip(keys, coefficients, strict=True))
         else:
@@ -327,7 +399,7 @@ class MOCTrainer(DPOTrainer):
         values, coefficients = gathered[:, 0].nanmean(0), gathered[:, 1].mean(0)
         for j, name in enumerate([*self.objective_names, "control"]):
             if not torch.isnan(values[j]):
-                metrics["moc/control_mse" if name == "control" else f"moc/loss_{name}"] = values[j]
+                metrics["moc/control" if name == "control" else f"moc/loss_{name}"] = values[j]
             metrics[f"moc/alpha_{name}"] = coefficients[j]
         for key, value in metrics.items():
             self._metrics[mode][key].append(float(value))
@@ -432,7 +504,7 @@ def moc_losses(
     return losses, {i: float(m / total) for i, m in mass.items()}
 
 
-def control_loss(
+def zscore_control_loss(
     achieved: torch.Tensor,
     preferences: torch.Tensor,
     objective_ids: torch.Tensor,
@@ -460,9 +532,56 @@ def control_loss(
     return torch.stack(terms).mean() if terms else None
 
 
+def paired_control_loss(
+    achieved: torch.Tensor,
+    preferences: torch.Tensor,
+    objective_ids: torch.Tensor,
+    pair_ids: torch.Tensor,
+    margin_diffs: torch.Tensor,
+    has_pairs: torch.Tensor,
+) -> torch.Tensor | None:
+    """The same pair under two preferences should be preferred more strongly under the one that weighs its
+    objective more: over every two rows `a`, `b` with the same `pair_ids` and every objective `i` with
+    `w_a,i > w_b,i`, the mean of `-log sigmoid(s_i (m_a - m_b))` weighted by `w_a,i - w_b,i`, where `m` is
+    `achieved` (the implicit reward margins) and `s_i` is 1 on objective i's own pairs, the sign of `dr_i` for an
+    objective with only a reward (0: no term). `None` when the batch has no such two rows."""
+    same = pair_ids[:, None] == pair_ids[None, :]
+    difference = achieved[:, None] - achieved[None, :]  # m_a - m_b
+    total, mass = achieved.new_zeros(()), achieved.new_zeros(())
+    for i in range(preferences.size(1)):
+        sign = (objective_ids == i).to(achieved) if has_pairs[i] else margin_diffs[:, i].sign().to(achieved)
+        gap = (preferences[:, i, None] - preferences[None, :, i]).clamp(min=0).to(achieved)
+        weight = gap * same * (sign != 0)[:, None]  # the copies of a pair share its sign
+        total = total + (weight * F.softplus(-sign[:, None] * difference)).sum()
+        mass = mass + weight.sum()
+    return total / mass if mass > 0 else None
+
+
+class PairGroupSampler(Sampler[int]):
+    """Shuffles the pairs, keeping the rows of one pair (its copies under several preferences) consecutive, so that
+    they share a batch. Seeded by `seed` and the epoch (`set_epoch`), as an interrupted run resumes."""
+
+    def __init__(self, pair_ids: list[int], seed: int = 0):
+        self.groups: dict[int, list[int]] = {}
+        for row, pair in enumerate(pair_ids):
+            self.groups.setdefault(pair, []).append(row)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self.groups.values())
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(list(self.groups))
+        for pair in order:
+            yield from self.groups[int(pair)]
+
+
 @dataclass
 class PreferenceCollator:
-    """Wraps a preference collator and adds each row's preference `(B, n)` and objective id `(B,)`."""
+    """Wraps a preference collator and adds each row's preference `(B, n)`, objective id and pair index `(B,)`."""
 
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
@@ -470,11 +589,13 @@ class PreferenceCollator:
         batch = self.collator(examples)
         batch[PREFERENCE] = torch.tensor([e[PREFERENCE] for e in examples], dtype=torch.float32)
         batch[OBJECTIVE_ID] = torch.tensor([e[OBJECTIVE_ID] for e in examples], dtype=torch.long)
+        batch[PAIR] = torch.tensor([e[PAIR] for e in examples], dtype=torch.long)
         return batch
 
 
-def _draw_preferences(args: MOCConfig, num: int, seed: int) -> np.ndarray:
-    """`num` preferences drawn as `args` says (`MOCConfig.preference_sampling`), reproducibly from `seed`."""
+def _draw_preferences(args: MOCConfig, num: int, seed: int, group_size: int = 1) -> np.ndarray:
+    """`num` preferences drawn as `args` says (`MOCConfig.preference_sampling`), reproducibly from `seed`; each
+    `group_size` consecutive rows (the copies of one pair) get distinct ones."""
     return sample_preferences(
         num,
         len(args.objective_names),
@@ -484,6 +605,7 @@ def _draw_preferences(args: MOCConfig, num: int, seed: int) -> np.ndarray:
         heldout=args.heldout_preferences,
         heldout_radius=args.heldout_radius,
         seed=seed,
+        group_size=group_size,
     )
 
 
@@ -527,3 +649,27 @@ def _check_dataset(dataset: Any, field_name: str, columns: tuple[str, ...] = REQ
         )
     if len(dataset) == 0:
         raise ValueError(f"{field_name} is empty: it needs at least one (prompt, chosen, rejected) row")
+
+
+def _lora_rank(model: Any, peft_config: Any, conditioning: str) -> int:
+    """The rank of the LoRA adapter that adapter conditioning gates (from `peft_config`, or a `PeftModel`)."""
+    config = peft_config
+    if config is None and isinstance(model, PeftModel):
+        config = model.peft_config[_active_adapter(model)]
+    if not isinstance(config, LoraConfig):
+        raise ValueError(
+            f"conditioning={conditioning!r} gates a LoRA adapter by the preference: pass peft_config=LoraConfig(...) "
+            f"or a LoRA PeftModel (got peft_config={type(peft_config).__name__}, model={type(model).__name__}), or "
+            "set conditioning='prompt' to tell a fully fine-tuned model w in its prompt"
+        )
+    if config.use_dora or config.rank_pattern:
+        raise ValueError(
+            f"conditioning={conditioning!r} needs one LoRA rank for every layer and no DoRA, got "
+            f"use_dora={config.use_dora}, rank_pattern={config.rank_pattern}"
+        )
+    return config.r
+
+
+def _active_adapter(model: Any) -> str:
+    adapter = getattr(model, "active_adapter", "default")
+    return adapter if isinstance(adapter, str) else adapter[0]
