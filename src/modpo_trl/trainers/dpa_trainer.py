@@ -240,20 +240,20 @@ class DPATrainer:
         raw = self._score(repeated, responses)
         self.reward.release()  # frees a reward model loaded from a path before training needs the memory
         scale = stated_scale(raw, args.reward_scale)
-        scaled = on_stated_scale(raw, scale).reshape(len(prompts), m, n, len(names))
-        raw = raw.reshape(len(prompts), m, n, len(names))
-        texts_of = np.asarray(texts, dtype=object).reshape(len(prompts), m, n)
+        shape = (len(prompts), m, n)
+        scaled = on_stated_scale(raw, scale).reshape(*shape, len(names))
+        raw, texts = raw.reshape(*shape, len(names)), np.asarray(texts, dtype=object).reshape(shape)
         rows = []
         for j, (i, prompt) in enumerate(zip(indices, prompts, strict=True)):
             stated = [direction_weights(v) for v in directions[j]]
             for d, v in enumerate(directions[j]):
                 # The candidates this direction chooses among: its own N, or the prompt's M x N.
-                own = slice(d, d + 1) if not args.share_candidates else slice(0, m)
+                own = slice(0, m) if args.share_candidates else slice(d, d + 1)
                 weighted, best, worst = select_pairs(
                     scaled[j, own].reshape(1, -1, len(names)),
                     torch.tensor([stated[d]], dtype=torch.float64) / 100,
                 )
-                weighted = weighted[0]
+                weighted, best, worst = weighted[0], int(best[0]), int(worst[0])
                 rows.append(
                     {
                         "index": i,
@@ -262,14 +262,14 @@ class DPATrainer:
                         "angle": round(angle_of(v), 6) if len(v) == 2 else None,
                         "weights": stated[d],
                         "conditioned_prompt": conditioned[j][d],
-                        "candidates": texts_of[j, own].reshape(-1).tolist(),
+                        "candidates": texts[j, own].reshape(-1).tolist(),
                         "sampled_under": [stated[e] for e in range(m)[own] for _ in range(n)],
                         "scores": raw[j, own].reshape(-1, len(names)).tolist(),
                         "scale": None if scale is None else scale.tolist(),
                         "weighted_scores": weighted.tolist(),
-                        "chosen": int(best[0]),
-                        "rejected": int(worst[0]),
-                        "gap": float(weighted[best[0]] - weighted[worst[0]]),
+                        "chosen": best,
+                        "rejected": worst,
+                        "gap": float(weighted[best] - weighted[worst]),
                     }
                 )
         return rows
