@@ -82,7 +82,10 @@ def report(main: str, variants: list[str], modpo: str, out: Path, note: str | No
         check=True,
     )
     results = json.loads((OUTPUTS / main / "eval" / "results.json").read_text())
-    pareto = results["pareto"] if "pareto" in results else results
+    pareto = results["pareto"]
+    missing = [m for m in ("modpo", *(f"{v}/dpa" for v in others)) if m not in pareto["hypervolume"]]
+    if missing:
+        raise SystemExit(f"not in the report: {missing}; its notes: {results['notes']}")
     table = []
     for name in [main, *others]:
         method = "dpa" if name == main else f"{name}/dpa"
@@ -96,7 +99,9 @@ def report(main: str, variants: list[str], modpo: str, out: Path, note: str | No
                 "kendall_tau": tau,
                 "spearman": {k: v["spearman"] for k, v in pareto["controllability"][method].items()},
                 "target_tau_met": all(t is not None and t >= TARGET_TAU for t in tau.values()),
-                "short_of_target": {k: round(max(0.0, TARGET_TAU - (t if t is not None else -1)), 4) for k, t in tau.items()},
+                "short_of_target": {
+                    k: round(max(0.0, TARGET_TAU - (t if t is not None else -1.0)), 4) for k, t in tau.items()
+                },
                 "answers_change": answer_changes(OUTPUTS / name / "eval" / "samples.jsonl"),
                 "wall_s": {k: timing[k] for k in ("train_s", "evaluate_s", "total_s")},
                 "means": {
@@ -109,15 +114,18 @@ def report(main: str, variants: list[str], modpo: str, out: Path, note: str | No
     document = {
         "what": "DPA on the offline quickstart (relevance vs brevity, SmolLM2-135M, 2 CPU cores): paper SFT vs "
         "directional DPO and the signal options, in one report with the MODPO sweep",
-        "note": note,
+        "label": note,
         "recipe": RECIPE,
-        "eval": results.get("generation"),
-        "prompts": results.get("num_prompts"),
+        "eval": results["generation"],
+        "prompts": results["num_prompts"],
+        "notes": results["notes"],
         "reference_point": pareto["reference_point"],
         "modpo": {
             "run": modpo,
             "hypervolume": pareto["hypervolume"].get("modpo"),
-            "kendall_tau": {k: v["kendall_tau"] for k, v in pareto["controllability"].get("modpo", {}).items()},
+            "kendall_tau": {
+                k: v["kendall_tau"] for k, v in pareto["controllability"].get("modpo", {}).items()
+            },
         },
         "reference_hypervolume": pareto["hypervolume"].get("reference"),
         "variants": table,
@@ -128,7 +136,9 @@ def report(main: str, variants: list[str], modpo: str, out: Path, note: str | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("run")
     one.add_argument("name")
@@ -145,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         document = report(args.main, args.variants, args.modpo, args.out, args.note)
         for row in document["variants"]:
-            print(row["variant"], row["hypervolume"], row["kendall_tau"], row["answers_change"], row["wall_s"])
+            print(
+                row["variant"], row["hypervolume"], row["kendall_tau"], row["answers_change"], row["wall_s"]
+            )
 
 
 if __name__ == "__main__":
