@@ -123,12 +123,25 @@ def test_angle_grid_range_step_and_heldout():
 
 def test_sampled_angles_stay_in_range_and_avoid_heldout():
     pool = [direction(t) for t in angle_grid([-45, 45], 5, heldout_angles=[-20, 10])]
-    picks, vectors = sample_directions(2000, pool, seed=[0, 1])
-    angles = {round(angle_of(v), 6) for v in vectors}
+    picks = sample_directions(2000, pool, seed=[0, 1])
+    assert all(len(p) == 1 for p in picks)
+    angles = {round(angle_of(pool[p[0]]), 6) for p in picks}
     assert angles == {float(t) for t in range(-45, 50, 5)} - {
         -20.0,
         10.0,
     }  # every grid angle, no held-out one
-    assert all(vectors[i] == pool[p] for i, p in enumerate(picks))
-    assert sample_directions(50, pool, seed=[0, 1]) == (picks[:50], vectors[:50])  # seeded
-    assert sample_directions(50, pool, seed=[0, 2])[0] != picks[:50]  # another iteration, other draws
+    assert sample_directions(50, pool, seed=[0, 1]) == picks[:50]  # seeded
+    assert sample_directions(50, pool, seed=[0, 2]) != picks[:50]  # another iteration, other draws
+
+
+def test_several_directions_per_item_come_one_from_each_stratum():
+    pool = [direction(t) for t in (0, 15, 45, 75, 90)]  # strata of 3 + 2 directions: {0, 15, 45}, {75, 90}
+    picks = sample_directions(600, pool, seed=0, per_item=2)
+    assert {p[0] for p in picks} == {0, 1, 2} and {p[1] for p in picks} == {3, 4}
+    assert all(len(set(p)) == 2 for p in picks)
+    assert sorted(sample_directions(3, pool, seed=0, per_item=5)[0]) == [0, 1, 2, 3, 4]  # all of them
+    for bad in (0, 6, 1.5, True):
+        with pytest.raises(
+            ValueError, match=rf"directions_per_prompt={bad!r} must be an integer from 1 to .* \(5\)"
+        ):
+            sample_directions(3, pool, seed=0, per_item=bad)

@@ -67,6 +67,7 @@ def test_training_records_the_adapter_and_gives_eval_candidates(tmp_path, tokeni
     train_recipe(recipe, dry_run=True)
     plan = capsys.readouterr().out
     assert "training directions (2): [-45.0, 45.0]" in plan and "held-out angles: [0]" in plan
+    assert "update: dpo; 1 direction(s) per prompt x N = 2 samples; v . r on the minmax scale" in plan
     assert "iter-1  pending" in plan and not recipe.run_dir.exists()
 
     train_recipe(recipe)
@@ -84,6 +85,8 @@ def test_training_records_the_adapter_and_gives_eval_candidates(tmp_path, tokeni
     assert entry["status"] == "done" and entry["adapter"] == "dpa"
     assert (recipe.run_dir / "dpa" / "adapter_config.json").is_file()
     assert (recipe.run_dir / "dpa" / "iterations" / "iter-1.jsonl").is_file()
+    assert not (recipe.run_dir / "dpa" / "ref").exists()  # DPO's reference copy is not part of the adapter
+    assert entry["metrics"]["iter-1"]["update"] == "dpo"
     assert not (recipe.run_dir / ".dpa.tmp").exists()
     assert entry["metrics"]["iter-1"]["prompts"] == 3
 
@@ -113,6 +116,8 @@ def test_recipe_reward_layout_errors(tmp_path, tokenizer):
         train_recipe(recipe, dry_run=True)
     with pytest.raises(RecipeError, match="training.num_samples=0 must be an integer >= 1"):
         train_recipe(tiny_recipe(tmp_path, tokenizer, num_samples=0), dry_run=True)
+    with pytest.raises(RecipeError, match=r"training.update='rsf' is not valid; valid: \['sft', 'dpo'\]"):
+        train_recipe(tiny_recipe(tmp_path, tokenizer, update="rsf"), dry_run=True)
     bad_rm = tiny_recipe(tmp_path, tokenizer)
     rm_dir = tmp_path / "rm3"
     rm = tiny_reward_model(tokenizer, num_labels=2)

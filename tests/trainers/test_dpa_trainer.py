@@ -1,24 +1,35 @@
-"""DPATrainer: rejection sampling under v . r, the SFT data it builds, the iterated loop and its resumption, reward
-vectors (rule-based and a trained multi-output regressor), bad input."""
+"""DPATrainer: best and worst under v . r on the stated scale, the SFT and DPO data it builds, the iterated loop
+(SFT and directional DPO) and its resumption, reward vectors (rule-based and a trained multi-output regressor),
+bad input."""
 
 import json
+import math
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
-from modpo_trl.conditioning.directions import angle_of, direction, render_direction
+from modpo_trl.conditioning.directions import angle_of, direction, direction_weights, render_direction
 from modpo_trl.rewards.sources import RewardModel
 from modpo_trl.rewards.vector import MultiObjectiveReward, StackedReward
 from modpo_trl.storage import read_jsonl
 from modpo_trl.testing import WORDS, tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 from modpo_trl.trainers.dpa_config import DPAConfig
-from modpo_trl.trainers.dpa_trainer import DPATrainer, select_best, sft_dataset
+from modpo_trl.trainers.dpa_trainer import (
+    DPATrainer,
+    dpo_dataset,
+    on_stated_scale,
+    select_pairs,
+    sft_dataset,
+    stated_scale,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ["brevity", "cats"]
@@ -82,7 +93,7 @@ def config(tmp_path, **kwargs) -> DPAConfig:
     return DPAConfig(**{**values, **kwargs})
 
 
-def make_trainer(tmp_path, tokenizer, reward, **kwargs) -> DPATrainer:
+def make_trainer(tmp_path, tokenizer, reward, callbacks=None, **kwargs) -> DPATrainer:
     return DPATrainer(
         tiny_causal_lm(tokenizer, seed=0),
         config(tmp_path, **kwargs),
@@ -90,7 +101,24 @@ def make_trainer(tmp_path, tokenizer, reward, **kwargs) -> DPATrainer:
         tokenizer,
         reward=reward,
         peft_config=LoraConfig(**LORA),
+        callbacks=callbacks,
     )
+
+
+class Logs(TrainerCallback):
+    """Every log line of every iteration's trainer, in order."""
+
+    def __init__(self):
+        self.lines = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.lines.append(dict(logs or {}))
+
+
+def stated_weights(row) -> list[int]:
+    """The integer weights the row's system prompt states, read back from its text."""
+    system = row["conditioned_prompt"][0]["content"]
+    return [int(w) for w in re.findall(r"\*(-?\d+)", system.split("weighted rating =")[1])]
 
 
 def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -98,25 +126,57 @@ def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ selection
-def test_select_best_is_argmax_of_v_dot_r():
-    # 2 prompts x 3 candidates x 2 attributes.
+def test_select_pairs_best_and_worst_of_w_dot_r_first_on_ties():
+    # 2 rows x 3 candidates x 2 attributes.
     scores = torch.tensor(
         [
             [[1.0, 0.0], [0.0, 1.0], [0.8, 0.8]],
             [[1.0, 0.0], [0.0, 1.0], [0.8, 0.8]],
         ]
     )
-    directions = torch.tensor([[1.0, 0.0], [0.6, -0.8]])
-    chosen, weighted = select_best(scores, directions)
-    # prompt 0, v = (1, 0): 1.0, 0.0, 0.8 -> candidate 0.
-    # prompt 1, v = (0.6, -0.8): 0.6, -0.8, 0.48 - 0.64 = -0.16 -> candidate 0 as well, and with
-    # v = (0.6, 0.8) it would be candidate 2 (1.12): the direction, not one attribute, decides.
+    weighted, best, worst = select_pairs(scores, torch.tensor([[1.0, 0.0], [0.6, -0.8]]))
+    # row 0, w = (1, 0): 1.0, 0.0, 0.8 -> best 0, worst 1.
+    # row 1, w = (0.6, -0.8): 0.6, -0.8, 0.48 - 0.64 = -0.16 -> best 0, worst 1.
     assert torch.allclose(weighted, torch.tensor([[1.0, 0.0, 0.8], [0.6, -0.8, -0.16]], dtype=torch.float64))
-    assert chosen.tolist() == [0, 0]
-    chosen, _ = select_best(scores, torch.tensor([[0.0, 1.0], [0.6, 0.8]]))
-    assert chosen.tolist() == [1, 2]
-    chosen, _ = select_best(torch.ones(1, 3, 2), torch.tensor([[0.6, 0.8]]))
-    assert chosen.tolist() == [0]  # ties: the first candidate
+    assert best.tolist() == [0, 0] and worst.tolist() == [1, 1]
+    # w = (0, 1): 0, 1, 0.8 -> best 1, worst 0; w = (0.6, 0.8): 0.6, 0.8, 1.12 -> best 2, worst 0: the direction,
+    # not one attribute, decides.
+    _, best, worst = select_pairs(scores, torch.tensor([[0.0, 1.0], [0.6, 0.8]]))
+    assert best.tolist() == [1, 2] and worst.tolist() == [0, 0]
+
+    # Ties: the first best and the first worst; all tied -> best == worst (no pair).
+    tied = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [2.0, 0.0], [0.0, 0.0]], [[1.0, 1.0]] * 4])
+    weighted, best, worst = select_pairs(tied, torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    assert best.tolist() == [0, 0] and worst.tolist() == [1, 0]
+    assert weighted[1].tolist() == [1.0] * 4
+
+
+def test_minmax_scale_by_hand():
+    raw = torch.tensor([[0.2, 0.5, 3.0], [0.4, 0.9, 3.0], [0.3, 0.7, 3.0], [0.2, 0.5, 3.0]])
+    scale = stated_scale(raw, "minmax")
+    np.testing.assert_allclose(scale, [[0.2, 0.4], [0.5, 0.9], [3.0, 3.0]], rtol=1e-6)
+    scaled = on_stated_scale(raw, scale)
+    # relevance 0.2 -> 0, 0.4 -> 100, 0.3 -> 50; brevity the same over [0.5, 0.9]; a constant attribute -> 0.
+    np.testing.assert_allclose(scaled, [[0, 0, 0], [100, 100, 0], [50, 50, 0], [0, 0, 0]], atol=1e-4)
+    assert stated_scale(raw, "raw") is None
+    assert torch.equal(on_stated_scale(raw, None), raw.double())
+
+
+def test_the_stated_weights_decide_on_the_minmax_scale_not_the_units():
+    # Relevance varies over 0.2, brevity over 0.7 (the quickstart's units: cosine vs share of 100 words).
+    raw = torch.tensor([[0.70, 0.50], [0.80, 0.30], [0.60, 1.00]])
+    w = (
+        torch.tensor([direction_weights(direction(30))], dtype=torch.float64) / 100
+    )  # relevance*87 + brevity*50
+    assert w.tolist() == [[0.87, 0.5]]
+    # Raw units: 0.609 + 0.25, 0.696 + 0.15, 0.522 + 0.5 -> the briefest answer (2) wins although the prompt
+    # weighs relevance higher.
+    _, best, _ = select_pairs(raw[None], w)
+    assert best.tolist() == [2]
+    # 0-100 over the observed ranges: (50, 28.6), (100, 0), (0, 100) -> 57.8, 87, 50: the most relevant (1).
+    weighted, best, worst = select_pairs(on_stated_scale(raw, stated_scale(raw, "minmax"))[None], w)
+    assert weighted[0].tolist() == pytest.approx([0.87 * 50 + 0.5 * 100 * 0.2 / 0.7, 87.0, 50.0])
+    assert best.tolist() == [1] and worst.tolist() == [2]
 
 
 def test_sft_data_carries_the_rendered_direction():
@@ -137,6 +197,39 @@ def test_sft_data_carries_the_rendered_direction():
         {"conditioned_prompt": "hello", "candidates": ["cat", " dog"], "chosen": 1},
     ]
     assert sft_dataset(rows)["completion"] == [" cat sat", "cat sat", " dog"]
+
+
+def test_dpo_data_is_best_against_worst_where_the_gap_is_large_enough():
+    conditioned = [{"role": "system", "content": "w"}, {"role": "user", "content": "hi"}]
+    rows = [
+        {
+            "conditioned_prompt": conditioned,
+            "candidates": ["a", "b", "c"],
+            "chosen": 2,
+            "rejected": 0,
+            "gap": 30.0,
+        },
+        {"conditioned_prompt": conditioned, "candidates": ["x", "y"], "chosen": 1, "rejected": 0, "gap": 5.0},
+        {"conditioned_prompt": conditioned, "candidates": ["z", "z"], "chosen": 0, "rejected": 0, "gap": 0.0},
+    ]
+    data = dpo_dataset(rows)
+    assert len(data) == 2  # the all-tied row has no pair
+    assert data[0] == {
+        "prompt": conditioned,
+        "chosen": [{"role": "assistant", "content": "c"}],
+        "rejected": [{"role": "assistant", "content": "a"}],
+    }
+    assert dpo_dataset(rows, min_gap=10)["chosen"] == [[{"role": "assistant", "content": "c"}]]
+    assert len(dpo_dataset(rows, min_gap=30)) == 1  # the gap is inclusive
+    with pytest.raises(
+        ValueError, match=r"no DPO pair: min_pair_gap=31 but the largest gap .* is 30 \(over 3"
+    ):
+        dpo_dataset(rows, min_gap=31)
+    # Standard format: completions start with a space when the prompt does not end with one.
+    plain = dpo_dataset(
+        [{"conditioned_prompt": "hello", "candidates": ["x", " y"], "chosen": 1, "rejected": 0, "gap": 5.0}]
+    )
+    assert (plain[0]["chosen"], plain[0]["rejected"]) == (" y", " x")
 
 
 # ------------------------------------------------------------------------------------------- reward vectors
@@ -209,9 +302,35 @@ def test_trained_multi_output_regressor_as_dpa_reward(trained_rm, tmp_path, toke
 
 
 # --------------------------------------------------------------------------------------------------- the loop
+def check_rows(rows, directions_per_prompt: int = 1, shared: bool = False):
+    """Each row's scores are the rule-based attributes of its candidates, its weighted scores the weights its
+    system prompt states applied to the scores mapped to 0-100 over the whole iteration, chosen / rejected their
+    first argmax / argmin."""
+    all_scores = np.array([s for r in rows for s in r["scores"]])
+    lo, hi = all_scores.min(axis=0), all_scores.max(axis=0)
+    for row in rows:
+        v, scores = np.array(row["direction"]), np.array(row["scores"])
+        assert round(angle_of(v), 6) == row["angle"]
+        assert row["weights"] == stated_weights(row) == direction_weights(v)
+        assert scores.tolist() == [[len(t.split()), t.split().count("cat")] for t in row["candidates"]]
+        np.testing.assert_allclose(row["scale"], np.stack([lo, hi], axis=1))
+        span = np.where(hi > lo, hi - lo, 1.0)
+        expected = (np.where(hi > lo, 100 * (scores - lo) / span, 0.0) @ np.array(row["weights"])) / 100
+        assert row["weighted_scores"] == pytest.approx(expected.tolist())
+        assert row["chosen"] == int(np.argmax(expected)) and row["rejected"] == int(np.argmin(expected))
+        assert row["gap"] == pytest.approx(expected.max() - expected.min())
+        assert row["conditioned_prompt"] == [
+            {"role": "system", "content": render_direction(v, NAMES)},
+            *row["prompt"],
+        ]
+        own = [row["weights"]] * (len(row["candidates"]) // (directions_per_prompt if shared else 1))
+        if not shared:
+            assert row["sampled_under"] == own
+
+
 def test_two_iterations_then_resume_only_the_missing_work(tmp_path, tokenizer):
     brevity, cats = Counted(word_count), Counted(cat_count)
-    trainer = make_trainer(tmp_path, tokenizer, [brevity, cats], attribute_names=NAMES)
+    trainer = make_trainer(tmp_path, tokenizer, [brevity, cats], attribute_names=NAMES, update="sft")
     result = trainer.train()
     out = tmp_path / "dpa"
     assert result["adapter"] == str(out / "iter-2" / "adapter")
@@ -223,25 +342,15 @@ def test_two_iterations_then_resume_only_the_missing_work(tmp_path, tokenizer):
         rows = read_jsonl(out / f"iter-{k}" / "data.jsonl")
         assert (out / f"iter-{k}" / "adapter" / "adapter_config.json").is_file()
         assert [r["index"] for r in rows] == [0, 1, 2, 3] and [r["prompt"] for r in rows] == prompts()
-        for row in rows:
-            v, scores = np.array(row["direction"]), np.array(row["scores"])
-            assert round(angle_of(v), 6) == row["angle"] and row["angle"] in training_angles
-            assert scores.shape == (2, 2) and len(row["candidates"]) == 2
-            # scores are the rule-based attributes of each candidate, v . r their weighted sum, chosen its argmax
-            texts = row["candidates"]
-            assert scores.tolist() == [[len(t.split()), t.split().count("cat")] for t in texts]
-            assert row["weighted_scores"] == pytest.approx((scores @ v).tolist())
-            assert row["chosen"] == int(np.argmax(scores @ v))
-            assert row["conditioned_prompt"] == [
-                {"role": "system", "content": render_direction(v, NAMES)},
-                *row["prompt"],
-            ]
+        assert all(r["angle"] in training_angles and len(r["candidates"]) == 2 for r in rows)
+        check_rows(rows)
     summary = result["iterations"][0]
     rows = read_jsonl(out / "iter-1" / "data.jsonl")
     assert summary["chosen_weighted_reward"] == pytest.approx(
         np.mean([max(r["weighted_scores"]) for r in rows])
     )
-    assert summary["sft_examples"] == 4 and np.isfinite(summary["sft_train_loss"])
+    assert summary["update"] == "sft" and summary["train_examples"] == 4
+    assert np.isfinite(summary["train_loss"])
 
     # Iteration 2 fine-tuned iteration 1's adapter further: different weights.
     first, second = adapter_weights(out / "iter-1" / "adapter"), adapter_weights(out / "iter-2" / "adapter")
@@ -254,7 +363,7 @@ def test_two_iterations_then_resume_only_the_missing_work(tmp_path, tokenizer):
     # from iteration 1's saved adapter, and gives the same weights as the uninterrupted run.
     shutil.rmtree(out / "iter-2" / "adapter")
     brevity.scored = cats.scored = 0
-    make_trainer(tmp_path, tokenizer, [brevity, cats], attribute_names=NAMES).train()
+    make_trainer(tmp_path, tokenizer, [brevity, cats], attribute_names=NAMES, update="sft").train()
     assert brevity.scored == cats.scored == 0
     assert (out / "iter-2" / "data.jsonl").read_text() == data_2
     redone = adapter_weights(out / "iter-2" / "adapter")
@@ -264,10 +373,97 @@ def test_two_iterations_then_resume_only_the_missing_work(tmp_path, tokenizer):
 
     # Lost iteration 2 entirely: only its 4 prompts x 2 samples are generated and scored again.
     shutil.rmtree(out / "iter-2")
-    make_trainer(tmp_path, tokenizer, [brevity, cats], attribute_names=NAMES).train()
+    make_trainer(tmp_path, tokenizer, [brevity, cats], attribute_names=NAMES, update="sft").train()
     assert brevity.scored == cats.scored == 4 * 2
     assert (out / "iter-2" / "adapter").is_dir() and not (out / "iter-2" / ".trainer").exists()
     assert (out / "iter-1" / "data.jsonl").stat().st_mtime_ns == data_1
+
+
+def test_directional_dpo_two_directions_per_prompt_shared_candidates_reloadable_and_resumable(
+    tmp_path, tokenizer
+):
+    logs = Logs()
+    kwargs = dict(
+        attribute_names=NAMES,
+        update="dpo",
+        num_samples=3,
+        max_new_tokens=6,
+        directions_per_prompt=2,
+        share_candidates=True,
+        angle_range_degrees=[0, 90],
+        angle_step_degrees=30,
+        heldout_angles=[],
+        beta=0.5,
+    )
+    trainer = make_trainer(tmp_path, tokenizer, [word_count, cat_count], callbacks=[logs], **kwargs)
+    result = trainer.train()
+    out = tmp_path / "dpa"
+    for k in (1, 2):
+        rows = read_jsonl(out / f"iter-{k}" / "data.jsonl")
+        check_rows(rows, directions_per_prompt=2, shared=True)
+        # One row per prompt and direction; a prompt's two directions come from the two strata of the pool
+        # (0, 30 | 60, 90) and choose among the same 2 x 3 candidates, each tagged with its own direction.
+        assert [r["index"] for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3]
+        for a, b in zip(rows[::2], rows[1::2], strict=True):
+            assert a["angle"] in (0.0, 30.0) and b["angle"] in (60.0, 90.0)
+            assert a["candidates"] == b["candidates"] and len(a["candidates"]) == 6
+            assert a["sampled_under"] == b["sampled_under"] == [a["weights"]] * 3 + [b["weights"]] * 3
+        pairs = [r for r in rows if r["gap"] > 0]
+        assert pairs, "the tiny model's samples should differ in length or cats"
+        summary = result["iterations"][k - 1]
+        assert summary["update"] == "dpo" and summary["train_examples"] == len(pairs)
+        assert summary["rows"] == 8 and summary["prompts"] == 4
+
+    # The reference is the policy each iteration starts from: at the first step of either iteration the policy
+    # equals its reference, so the loss is log 2 and the margin 0 (iteration 2 starts from a trained adapter, so
+    # a base-model reference would give another loss).
+    first_steps = [line for line in logs.lines if line.get("epoch", 1) <= 0.5 and "loss" in line]
+    assert len(first_steps) == 2
+    for line in first_steps:
+        assert line["loss"] == pytest.approx(math.log(2), abs=1e-4)
+        assert line["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+
+    # The saved adapter holds the policy only (no reference copy) and reloads into the trained model's outputs.
+    adapter = out / "iter-2" / "adapter"
+    assert result["adapter"] == str(adapter) and not (adapter / "ref").exists()
+    assert set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == {
+        "q_proj",
+        "v_proj",
+    }
+    reloaded = PeftModel.from_pretrained(tiny_causal_lm(tokenizer, seed=0), str(adapter)).eval()
+    ids = torch.tensor([tokenizer("the cat sat on the mat")["input_ids"]])
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-5)
+        with reloaded.disable_adapter():
+            assert not torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-3)
+
+    # Resume: iteration 2's DPO redone from iteration 1's saved adapter on the kept data gives the same weights.
+    second = adapter_weights(adapter)
+    shutil.rmtree(adapter)
+    counted = Counted(word_count)
+    make_trainer(tmp_path, tokenizer, [counted, cat_count], **kwargs).train()
+    assert counted.scored == 0
+    redone = adapter_weights(adapter)
+    assert set(redone) == set(second)
+    assert all(torch.allclose(second[k], redone[k], atol=1e-6) for k in second)
+
+
+def test_no_pair_at_the_gap_keeps_the_data_for_a_rerun(tmp_path, tokenizer):
+    counted = Counted(word_count)
+    trainer = make_trainer(
+        tmp_path, tokenizer, [counted, cat_count], attribute_names=NAMES, update="dpo", min_pair_gap=1000.0
+    )
+    with pytest.raises(ValueError, match=r"no DPO pair: min_pair_gap=1000.0 but the largest gap"):
+        trainer.train()
+    assert (tmp_path / "dpa" / "iter-1" / "data.jsonl").is_file()
+    assert not (tmp_path / "dpa" / "iter-1" / "adapter").exists()
+    scored = counted.scored
+    make_trainer(
+        tmp_path, tokenizer, [counted, cat_count], attribute_names=NAMES, update="dpo", iterations=1
+    ).train()
+    assert counted.scored == scored  # iteration 1's samples were reused, not drawn again
+    assert (tmp_path / "dpa" / "iter-1" / "adapter").is_dir()
 
 
 def test_prompts_per_iteration_takes_new_prompts_each_iteration(tmp_path, tokenizer):
@@ -301,11 +497,43 @@ def test_prompts_per_iteration_takes_new_prompts_each_iteration(tmp_path, tokeni
         ({"heldout_angles": [0], "angle_range_degrees": [0, 0]}, "leaves no training angle"),
         ({"eval_angles": [float("nan")]}, "eval_angles=.* must be a non-empty list of finite angles"),
         ({"attribute_names": ["a", "a"]}, r"attribute_names=\['a', 'a'\] has duplicates"),
+        ({"update": "ppo"}, r"update='ppo' is not valid; valid: \['sft', 'dpo'\]"),
+        ({"reward_scale": "z"}, r"reward_scale='z' is not valid; valid: \['minmax', 'raw'\]"),
+        ({"beta": 0}, "beta=0 must be a finite number > 0"),
+        ({"min_pair_gap": -1.0}, "min_pair_gap=-1.0 must be a finite number >= 0"),
+        ({"min_pair_gap": float("inf")}, "min_pair_gap=inf must be a finite number >= 0"),
+        ({"directions_per_prompt": 0}, "directions_per_prompt=0 must be an integer >= 1"),
+        ({"directions_per_prompt": 7}, "directions_per_prompt=7 exceeds the 6 training directions"),
+        ({"share_candidates": "yes"}, "share_candidates='yes' must be true or false"),
+        ({"dpo_kwargs": ["beta"]}, r"dpo_kwargs=\['beta'\] must be a mapping of DPOConfig fields"),
+        ({"dpo_kwargs": {"beta": 0.2}}, "dpo_kwargs.beta: set `beta`, a DPAConfig field, instead"),
+        ({"dpo_kwargs": {"learning_rate": 1.0}}, "dpo_kwargs.learning_rate is a field of this config itself"),
+        ({"dpo_kwargs": {"max_length": 8}}, "dpo_kwargs.max_length is a field of this config itself"),
+        (
+            {"dpo_kwargs": {"betta": 0.2}},
+            r"dpo_kwargs.betta is not a DPOConfig field; valid: \[.*'loss_type'",
+        ),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         config(tmp_path, **kwargs)
+
+
+def test_dpo_config_takes_the_training_loop_and_the_dpo_fields(tmp_path):
+    args = config(
+        tmp_path,
+        max_length=77,
+        beta=0.3,
+        learning_rate=3e-4,
+        loss_type="nll",  # SFT's token loss: not DPO's preference loss
+        dpo_kwargs={"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    )
+    dpo = args.dpo_config(output_dir=str(tmp_path / "work"))
+    assert (dpo.beta, dpo.max_length, dpo.learning_rate, dpo.seed) == (0.3, 77, 3e-4, 0)
+    assert dpo.loss_type == ["sigmoid", "sft"] and dpo.loss_weights == [1.0, 0.5]
+    assert dpo.output_dir == str(tmp_path / "work") and dpo.per_device_train_batch_size == 4
+    assert config(tmp_path).dpo_config().loss_type == ["sigmoid"]
 
 
 def test_trainer_errors_before_any_work(tmp_path, tokenizer):
@@ -323,6 +551,14 @@ def test_trainer_errors_before_any_work(tmp_path, tokenizer):
         make_trainer(tmp_path, tokenizer, [word_count] * 3, attribute_names=["a", "b", "c"])
     with pytest.raises(TypeError, match="single-output RewardModel; use MultiObjectiveReward"):
         make_trainer(tmp_path, tokenizer, RewardModel(tiny_reward_model(tokenizer), tokenizer))
+    with pytest.raises(ValueError, match="loss_weights"):  # a bad DPOConfig value, before any generation
+        make_trainer(
+            tmp_path,
+            tokenizer,
+            [word_count, cat_count],
+            attribute_names=NAMES,
+            dpo_kwargs={"loss_weights": [1.0, 2.0]},
+        )
     with pytest.raises(ValueError, match="train_dataset has no prompts"):
         DPATrainer(
             tiny_causal_lm(tokenizer),
@@ -340,7 +576,7 @@ def test_non_finite_reward_names_attribute_and_prompt(tmp_path, tokenizer):
         return [float("nan")] * len(responses)
 
     trainer = make_trainer(tmp_path, tokenizer, [word_count, broken], attribute_names=NAMES)
-    with pytest.raises(ValueError, match="non-finite score.*attribute 'cats' of response 0 to prompt 0"):
+    with pytest.raises(ValueError, match="non-finite score.*attribute 'cats' of sampled response 0"):
         trainer.train()
     assert not (tmp_path / "dpa" / "iter-1" / "data.jsonl").exists()
 

@@ -130,12 +130,20 @@ def angle_grid(
 
 
 def sample_directions(
-    n: int, pool: Sequence[Sequence[float]], seed: int | Sequence[int]
-) -> tuple[list[int], list[tuple[float, ...]]]:
-    """`n` directions drawn uniformly (with replacement) from `pool`: their indices in `pool` and the vectors."""
+    n: int, pool: Sequence[Sequence[float]], seed: int | Sequence[int], per_item: int = 1
+) -> list[list[int]]:
+    """For each of `n` items, `per_item` indices into `pool`: the pool (in its order, e.g. by angle) is cut into
+    `per_item` contiguous strata of near-equal size and one direction is drawn uniformly from each, so an item's
+    directions are distinct and spread over the pool (`per_item = 1`: one uniform draw from the whole pool)."""
+    if isinstance(per_item, bool) or not isinstance(per_item, int) or not 1 <= per_item <= len(pool):
+        raise ValueError(
+            f"directions_per_prompt={per_item!r} must be an integer from 1 to the number of training "
+            f"directions ({len(pool)})"
+        )
     rng = np.random.default_rng(seed)
-    picks = rng.integers(len(pool), size=n).tolist()
-    return picks, [tuple(float(x) for x in pool[i]) for i in picks]
+    strata = np.array_split(np.arange(len(pool)), per_item)
+    picks = np.stack([stratum[rng.integers(len(stratum), size=n)] for stratum in strata], axis=1)
+    return picks.tolist()
 
 
 def _check_range(angle_range_degrees: Sequence[float]) -> tuple[float, float]:

@@ -1,5 +1,6 @@
 """DPA in the run engine: one direction-conditioned adapter (`<run_dir>/dpa/`), trained by iterated
-rejection-sampling fine-tuning in its work folder (`<run_dir>/.dpa.tmp/iter-<k>/`).
+rejection-sampling fine-tuning or directional DPO (`training.update`) in its work folder
+(`<run_dir>/.dpa.tmp/iter-<k>/`).
 
 The reward is either one reward model with an output per objective (`objectives[0].reward`, `output` unset)
 or one reward per objective. The finished adapter keeps each iteration's rejection-sampling data in
@@ -70,7 +71,10 @@ class DPA(Method):
         two = len(names) == 2 and args.directions is None
         data = _prompt_data(recipe)
         lines += [
-            f"# prompts: {data.path} (column {data.prompt_column!r}); N = {args.num_samples} samples per prompt",
+            f"# prompts: {data.path} (column {data.prompt_column!r}); update: {args.update}; "
+            f"{args.directions_per_prompt} direction(s) per prompt x N = {args.num_samples} samples"
+            + (", shared" if args.share_candidates and args.directions_per_prompt > 1 else "")
+            + f"; v . r on the {args.reward_scale} scale",
             f"# training directions ({len(pool)}): "
             f"{[round(angle_of(v), 4) for v in pool] if two else [list(v) for v in pool]}",
         ]

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
-from trl import SFTConfig
+from transformers import TrainingArguments
+from trl import DPOConfig, SFTConfig
 
 from ..conditioning.directions import DEFAULT_SYSTEM_PROMPT, angle_grid, direction, unit_vector
 
@@ -14,24 +15,59 @@ from ..conditioning.directions import DEFAULT_SYSTEM_PROMPT, angle_grid, directi
 class DPAConfig(SFTConfig):
     r"""
     Configuration class for the [`DPATrainer`]: the fields below plus every [`~trl.SFTConfig`] field, which
-    configures the supervised fine-tuning that ends each iteration (`learning_rate`, `num_train_epochs`,
-    `per_device_train_batch_size`, `max_length`, ...). `output_dir` holds one folder per iteration
-    (`iter-<k>/data.jsonl`, `iter-<k>/adapter`); `seed` seeds the directions, the sampling and the SFT.
+    configures the update that ends each iteration (`learning_rate`, `num_train_epochs`,
+    `per_device_train_batch_size`, `max_length`, ...; with `update="dpo"` they are copied into a
+    [`~trl.DPOConfig`], see `dpo_config`). `output_dir` holds one folder per iteration (`iter-<k>/data.jsonl`,
+    `iter-<k>/adapter`); `seed` seeds the directions, the sampling and the training.
 
     DPA (Wang et al., 2024, arXiv:2402.18571) is preference-conditioned rejection-sampling fine-tuning: each
     iteration samples a direction `v` for every prompt, states it in the system prompt
-    (`modpo_trl.conditioning.directions.render_direction`), samples `num_samples` responses from the current policy, keeps
-    the one with the largest `v . r` under the multi-objective reward `r`, and fine-tunes the policy on the kept
-    responses with `v` in the prompt.
+    (`modpo_trl.conditioning.directions.render_direction`), samples `num_samples` responses from the current
+    policy, keeps the one with the largest `v . r` under the multi-objective reward `r`, and fine-tunes the policy
+    on the kept responses with `v` in the prompt (`update="sft"`). `update="dpo"` (directional DPO) trains on
+    the best against the worst response instead, so the update carries the contrast the direction asks for.
+
+    The paper's settings: `update="sft"`, `reward_scale="raw"` (its reward model rates on 0-100 already),
+    `directions_per_prompt=1`, the default `system_prompt`.
 
     Parameters:
         attribute_names (`list[str]`, *optional*):
             The reward attributes, in the order of the direction vectors (e.g. `["helpfulness", "verbosity"]`).
             They must be outputs of the reward (labels in a reward model's `config.id2label`). Defaults to the
             reward's attributes.
+        update (`str`, *optional*, defaults to `"dpo"`):
+            How each iteration updates the policy: `"sft"`, the paper's rejection-sampling fine-tuning (TRL's
+            `SFTTrainer` on the best response per prompt and direction), or `"dpo"`, directional DPO (TRL's
+            `DPOTrainer` on the pair best vs worst response by `v . r`). The DPO reference is the policy the
+            iteration starts from (the base model in iteration 1, then the previous iteration's adapter, as in
+            iterative DPO), so each round moves a `beta`-controlled step from where sampling happened.
+        beta (`float`, *optional*, defaults to `0.1`):
+            `update="dpo"`: DPO's beta (the strength of the tie to the reference), as in [`~trl.DPOConfig`].
+        min_pair_gap (`float`, *optional*, defaults to `0.0`):
+            `update="dpo"`: a pair is trained on only when its best and worst `v . r` differ by at least this
+            much (on the `reward_scale`: with `"minmax"`, points out of 100) and by more than 0, so near-ties,
+            whose order is noise, do not teach a direction.
+        dpo_kwargs (`dict`, *optional*):
+            `update="dpo"`: other [`~trl.DPOConfig`] fields for the update (e.g. `{"loss_type": ["sigmoid",
+            "sft"], "loss_weights": [1.0, 1.0]}`); training-loop fields come from this config itself.
+        reward_scale (`str`, *optional*, defaults to `"minmax"`):
+            The scale `v . r` is computed on. `"minmax"`: each attribute is mapped linearly to 0-100 over the
+            iteration's sampled responses (its lowest score 0, its highest 100), the scale the system prompt's
+            integer weights `round(100 v_i)` refer to, so "relevance*71 + brevity*71" weighs both attributes'
+            observed ranges equally, whatever the units of the reward. `"raw"`: the reward's own values (the
+            paper's reward model already rates every attribute on 0-100). Either way the weights are the
+            stated ones, `round(100 v_i) / 100`: the selection is exactly the rating the prompt asks for.
         num_samples (`int`, *optional*, defaults to `4`):
-            Responses sampled per prompt (N); the best under `v . r` is kept. N = 1 is plain conditioned SFT
-            on the policy's own samples.
+            Responses sampled per prompt and direction (N); the best under `v . r` is kept. N = 1 is plain
+            conditioned SFT on the policy's own samples (and gives no DPO pairs unless `share_candidates`).
+        directions_per_prompt (`int`, *optional*, defaults to `1`):
+            Directions each prompt is sampled under per iteration (M): the training directions, in their order,
+            are cut into M contiguous strata and one is drawn from each, so a prompt is seen under distinct,
+            spread directions (with 2 attributes: a low and a high angle for M = 2).
+        share_candidates (`bool`, *optional*, defaults to `False`):
+            With M > 1: each direction of a prompt chooses among all M x N responses sampled for that prompt (under
+            any of its directions), not only its own N, so the same answers are ranked differently under
+            different directions and that contrast is in the data.
         iterations (`int`, *optional*, defaults to `2`):
             Rejection-sampling rounds; each starts from the previous round's adapter.
         angle_range_degrees (`list[float]`, *optional*, defaults to `[-45, 45]`):
@@ -64,7 +100,33 @@ class DPAConfig(SFTConfig):
     attribute_names: list[str] | None = field(
         default=None, metadata={"help": "Reward attributes, in the order of the direction vectors."}
     )
-    num_samples: int = field(default=4, metadata={"help": "Responses sampled per prompt (N >= 1)."})
+    update: str = field(
+        default="dpo",
+        metadata={"help": "Update per iteration: 'sft' (rejection-sampling SFT) or 'dpo' (directional DPO)."},
+    )
+    beta: float = field(default=0.1, metadata={"help": "update='dpo': DPO's beta."})
+    min_pair_gap: float = field(
+        default=0.0,
+        metadata={"help": "update='dpo': least v . r gap between best and worst to train on a pair."},
+    )
+    dpo_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "update='dpo': other DPOConfig fields (loss_type, ...)."}
+    )
+    reward_scale: str = field(
+        default="minmax",
+        metadata={
+            "help": "'minmax': attributes mapped to 0-100 over the iteration's samples; 'raw': as scored."
+        },
+    )
+    num_samples: int = field(
+        default=4, metadata={"help": "Responses sampled per prompt and direction (N >= 1)."}
+    )
+    directions_per_prompt: int = field(
+        default=1, metadata={"help": "Directions each prompt is sampled under per iteration (M >= 1)."}
+    )
+    share_candidates: bool = field(
+        default=False, metadata={"help": "Each direction chooses among all M x N samples of its prompt."}
+    )
     iterations: int = field(default=2, metadata={"help": "Rejection-sampling fine-tuning rounds."})
     angle_range_degrees: list[float] = field(
         default_factory=lambda: [-45.0, 45.0],
@@ -99,6 +161,13 @@ class DPAConfig(SFTConfig):
         """The pool training directions are sampled from (held-out angles excluded)."""
         return training_directions(self)
 
+    def dpo_config(self, **overrides: Any) -> DPOConfig:
+        """The `DPOConfig` of a `update="dpo"` iteration: this config's training-loop fields (every
+        `TrainingArguments` field) and the fields `SFTConfig` and `DPOConfig` share (`max_length`,
+        `truncation_mode`, `padding_free`, ...; not SFT's `loss_type`), `beta`, `dpo_kwargs`, then `overrides`."""
+        values = {name: getattr(self, name) for name in _COPIED_TO_DPO}
+        return DPOConfig(**{**values, "beta": self.beta, **(self.dpo_kwargs or {}), **overrides})
+
     def evaluation_directions(self) -> list[tuple[float, ...]]:
         """The directions `modpo_trl.evaluate` compares, held-out ones included."""
         return evaluation_directions(self)
@@ -106,6 +175,19 @@ class DPAConfig(SFTConfig):
 
 # Defined by DPAConfig itself (not inherited from SFTConfig): what `check_dpa_fields` covers.
 DPA_FIELDS = tuple(DPAConfig.__annotations__)
+UPDATES, REWARD_SCALES = ("sft", "dpo"), ("minmax", "raw")
+
+
+def _init_fields(cls: type) -> set[str]:
+    return {f.name for f in fields(cls) if f.init}
+
+
+# What a DPO iteration takes from the DPAConfig: the training loop, and the fields SFT and DPO mean alike (SFT's
+# `loss_type` is its token loss, DPO's the preference loss). `dpo_kwargs` may set every other DPOConfig field.
+_COPIED_TO_DPO = sorted(
+    _init_fields(TrainingArguments) | ((_init_fields(SFTConfig) & _init_fields(DPOConfig)) - {"loss_type"})
+)
+_DPO_ONLY = sorted(_init_fields(DPOConfig) - set(_COPIED_TO_DPO) - {"beta"})
 
 
 def dpa_defaults() -> dict[str, Any]:
@@ -120,10 +202,27 @@ def dpa_defaults() -> dict[str, Any]:
 
 def check_dpa_fields(cfg: Any) -> None:
     """Validates the DPA fields of `cfg` (a `DPAConfig`, or any object with those attributes)."""
-    for name in ("num_samples", "iterations", "max_new_tokens", "generation_batch_size"):
+    for name in (
+        "num_samples",
+        "iterations",
+        "max_new_tokens",
+        "generation_batch_size",
+        "directions_per_prompt",
+    ):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if cfg.update not in UPDATES:
+        raise ValueError(f"update={cfg.update!r} is not valid; valid: {list(UPDATES)}")
+    if cfg.reward_scale not in REWARD_SCALES:
+        raise ValueError(f"reward_scale={cfg.reward_scale!r} is not valid; valid: {list(REWARD_SCALES)}")
+    if not isinstance(cfg.share_candidates, bool):
+        raise ValueError(f"share_candidates={cfg.share_candidates!r} must be true or false")
+    if not (_is_number(cfg.beta) and cfg.beta > 0):
+        raise ValueError(f"beta={cfg.beta!r} must be a finite number > 0")
+    if not (_is_number(cfg.min_pair_gap) and cfg.min_pair_gap >= 0):
+        raise ValueError(f"min_pair_gap={cfg.min_pair_gap!r} must be a finite number >= 0")
+    _check_dpo_kwargs(cfg.dpo_kwargs)
     ppi = cfg.prompts_per_iteration
     if ppi is not None and (isinstance(ppi, bool) or not isinstance(ppi, int) or ppi < 1):
         raise ValueError(f"prompts_per_iteration={ppi!r} must be an integer >= 1, or None for every prompt")
@@ -139,8 +238,32 @@ def check_dpa_fields(cfg: Any) -> None:
             raise ValueError(f"attribute_names={names!r} must be a non-empty list of attribute names")
         if len(set(names)) != len(names):
             raise ValueError(f"attribute_names={list(names)} has duplicates")
-    training_directions(cfg)
+    pool = training_directions(cfg)
+    if cfg.directions_per_prompt > len(pool):
+        raise ValueError(
+            f"directions_per_prompt={cfg.directions_per_prompt} exceeds the {len(pool)} training directions"
+        )
     evaluation_directions(cfg)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_dpo_kwargs(kwargs: Any) -> None:
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"dpo_kwargs={kwargs!r} must be a mapping of DPOConfig fields, or None")
+    for key in kwargs:
+        if key == "beta":
+            raise ValueError("dpo_kwargs.beta: set `beta`, a DPAConfig field, instead")
+        if key in _COPIED_TO_DPO:
+            raise ValueError(
+                f"dpo_kwargs.{key} is a field of this config itself (copied into the DPOConfig); set `{key}`"
+            )
+        if key not in _DPO_ONLY:
+            raise ValueError(f"dpo_kwargs.{key} is not a DPOConfig field; valid: {_DPO_ONLY}")
 
 
 def training_directions(cfg: Any) -> list[tuple[float, ...]]:

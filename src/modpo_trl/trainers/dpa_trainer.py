@@ -1,20 +1,25 @@
 """Directional Preference Alignment (Wang et al., 2024, arXiv:2402.18571): iterated, preference-conditioned
-rejection-sampling fine-tuning (RSF) with a multi-objective reward.
+rejection-sampling fine-tuning (RSF) with a multi-objective reward, and its contrastive variant, directional DPO.
 
-One iteration `k`, for every prompt `x`:
+One iteration `k`, for every prompt `x` and each of its M directions (`directions_per_prompt`):
 
     v      ~ the training directions (unit vectors; 2 attributes: (cos t, sin t), t on an angle grid)
-    x_v    = x with v stated in its system prompt            (modpo_trl.conditioning.directions)
+    x_v    = x with v stated in its system prompt as integer weights w = round(100 v)
     y_1..N ~ pi_{k-1}(. | x_v)                               (pi_0: the base model)
-    y*     = argmax_n  v . r(x, y_n)                         (r: k reward attributes, scored on x, not x_v)
+    s_n    = (w / 100) . r'(x, y_n)                          (r' = r on the stated scale, see `reward_scale`)
+    y+     = argmax_n s_n,   y- = argmin_n s_n               (the first one on ties)
 
-then `pi_k` = `pi_{k-1}` fine-tuned (TRL's `SFTTrainer`, LoRA, loss on the completion only) on the pairs
-`(x_v, y*)`. The LoRA adapter keeps training across iterations, as RSF fine-tunes the current policy.
+(with `share_candidates`, n runs over the M x N responses of x sampled under all its directions). Then `pi_k` is
+`pi_{k-1}` trained on the iteration's rows: TRL's `SFTTrainer` on `(x_v, y+)` (`update="sft"`, the paper's
+RSF), or TRL's `DPOTrainer` on `(x_v, y+ > y-)` against the reference `pi_{k-1}` (`update="dpo"`). The LoRA
+adapter keeps training across iterations.
 
 Layout of `args.output_dir`:
 
-    iter-<k>/data.jsonl   one row per prompt: prompt, direction, angle, conditioned prompt, all candidates, their
-                          reward vectors and v . r, the chosen index (written atomically once all are scored)
+    iter-<k>/data.jsonl   one row per prompt and direction: prompt, direction, stated weights, conditioned prompt,
+                          the candidates, the direction each was sampled under, their reward vectors, the scale
+                          and v . r, the chosen (best) and rejected (worst) indices and their gap (written
+                          atomically once all are scored)
     iter-<k>/adapter/     the LoRA adapter + tokenizer after iteration k (exists only when complete)
 
 `train()` skips iterations whose adapter exists, reuses an iteration's data when only its adapter is missing,
@@ -41,9 +46,9 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
-from ..conditioning.directions import angle_of, condition_prompt, sample_directions
+from ..conditioning.directions import angle_of, condition_prompt, direction_weights, sample_directions
 from ..generation import SamplingSettings, as_response, generate_texts
 from ..rewards.vector import as_reward_vector
 from ..storage import read_jsonl, write_jsonl
@@ -51,13 +56,38 @@ from .dpa_config import DPAConfig, check_dpa_fields
 from .logs import keep_logs
 
 DATA_FILE, ADAPTER_DIR, SFT_METRICS = "data.jsonl", "adapter", "dpa_iteration.json"
+REF_ADAPTER = "ref"  # the frozen copy of the starting adapter TRL's DPOTrainer adds as the reference
 
 
-def select_best(scores: torch.Tensor, directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rejection sampling's choice: for `scores` `(P, N, k)` and unit `directions` `(P, k)`, the weighted
-    scores `v . r` `(P, N)` and the index of the best candidate per prompt `(P,)` (the first one on ties)."""
-    weighted = torch.einsum("pnk,pk->pn", scores.double(), directions.double())
-    return weighted.argmax(dim=1), weighted
+def stated_scale(scores: torch.Tensor, reward_scale: str) -> torch.Tensor | None:
+    """`(k, 2)`: per attribute, the lowest and highest score over `scores` `(M, k)` (every response of the
+    iteration), which `"minmax"` maps to 0 and 100; None for `"raw"`."""
+    if reward_scale == "raw":
+        return None
+    flat = scores.reshape(-1, scores.shape[-1]).double()
+    return torch.stack([flat.min(dim=0).values, flat.max(dim=0).values], dim=1)
+
+
+def on_stated_scale(scores: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """`scores` (`(..., k)`) mapped linearly so each attribute's `scale` row `[lo, hi]` becomes `[0, 100]`; an
+    attribute that never varied (`hi == lo`) becomes 0 everywhere, so it cannot decide a choice. `scale=None`:
+    the scores as they are."""
+    if scale is None:
+        return scores.double()
+    lo, hi = scale[:, 0], scale[:, 1]
+    span = hi - lo
+    scaled = 100.0 * (scores.double() - lo) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, scaled, torch.zeros_like(scaled))
+
+
+def select_pairs(
+    scores: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For candidate `scores` `(P, C, k)` (on the stated scale) and weights `(P, k)` (the stated ones,
+    `round(100 v) / 100`): the weighted scores `w . r` `(P, C)`, the best candidate per row `(P,)` and the worst
+    `(P,)`, each the first one on ties (so a row whose candidates all tie has best == worst)."""
+    weighted = torch.einsum("pck,pk->pc", scores.double(), weights.double())
+    return weighted, weighted.argmax(dim=1), weighted.argmin(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -120,6 +150,8 @@ class DPATrainer:
             args.attribute_names = list(self.reward.attributes)
         check_dpa_fields(args)  # again, now that the number of attributes is known
         self.reward.check()  # an attribute the reward model lacks fails here, before anything is generated
+        if args.update == "dpo":
+            args.dpo_config()  # a bad dpo_kwargs value fails here, before anything is generated
         self.args, self.peft_config, self.callbacks = args, peft_config, callbacks
         self.prompts = _prompt_list(train_dataset)
         self.directions = args.training_directions()
@@ -139,7 +171,7 @@ class DPATrainer:
     def train(self) -> dict[str, Any]:
         """Runs the iterations not finished yet; returns `{"adapter": last adapter folder, "iterations": [...]}`
         with per-iteration metrics (mean `v . r` of the chosen and of all candidates, per-attribute means of the
-        chosen, the SFT loss)."""
+        chosen, the number of rows trained on and the training loss)."""
         state = PartialState()
         summaries = []
         for k in range(1, self.args.iterations + 1):
@@ -157,8 +189,8 @@ class DPATrainer:
                     write_jsonl(folder / DATA_FILE, self.collect(k))
                 state.wait_for_everyone()
             rows = read_jsonl(folder / DATA_FILE)
-            sft = self._fine_tune(k, rows)
-            summaries.append(self._summary(k, rows, sft))
+            metrics = self._fine_tune(k, rows)
+            summaries.append(self._summary(k, rows, metrics))
             _log(f"DPA iteration {k}/{self.args.iterations}: done in {time.monotonic() - started:.0f}s")
         return {
             "adapter": str(self.iteration_dir(self.args.iterations) / ADAPTER_DIR),
@@ -176,15 +208,18 @@ class DPATrainer:
         return [int(order[(start + j) % n]) for j in range(min(m, n))]
 
     def collect(self, k: int) -> list[dict[str, Any]]:
-        """Samples directions and `num_samples` responses per prompt from the current policy, scores them and
-        picks the best under `v . r`: the rows of `iter-<k>/data.jsonl`."""
-        args, names, n = self.args, self.args.attribute_names, self.args.num_samples
+        """Samples `directions_per_prompt` directions and `num_samples` responses per direction for each prompt
+        from the current policy, scores them and picks the best and worst under `v . r` on the stated scale: the
+        rows of `iter-<k>/data.jsonl`, one per prompt and direction."""
+        args, names = self.args, self.args.attribute_names
+        n, m = args.num_samples, args.directions_per_prompt
         indices = self.iteration_prompts(k)
         prompts = [self.prompts[i] for i in indices]
-        _, directions = sample_directions(len(prompts), self.directions, seed=[args.seed, k])
+        picks = sample_directions(len(prompts), self.directions, seed=[args.seed, k], per_item=m)
+        directions = [[self.directions[d] for d in row] for row in picks]  # (P, M) unit vectors
         conditioned = [
-            condition_prompt(p, v, names, args.system_prompt)
-            for p, v in zip(prompts, directions, strict=True)
+            [condition_prompt(p, v, names, args.system_prompt) for v in vs]
+            for p, vs in zip(prompts, directions, strict=True)
         ]
         settings = SamplingSettings(
             max_new_tokens=args.max_new_tokens,
@@ -194,35 +229,51 @@ class DPATrainer:
             batch_size=args.generation_batch_size * n,
             seed=args.seed + 1_000_003 * k,  # a different noise stream per iteration
         )
-        self.model.eval()  # no dropout while sampling (SFT leaves the model in train mode)
+        self.model.eval()  # no dropout while sampling (training leaves the model in train mode)
         texts = generate_texts(
             self.model,
             self.processing_class,
-            [c for c in conditioned for _ in range(n)],
+            [c for row in conditioned for c in row for _ in range(n)],
             settings,
-            desc=f"DPA iteration {k}: sampling {n} x {len(prompts)}",
+            desc=f"DPA iteration {k}: sampling {n} x {m} x {len(prompts)}",
         )
-        repeated = [p for p in prompts for _ in range(n)]
+        repeated = [p for p in prompts for _ in range(m * n)]
         responses = [as_response(p, t) for p, t in zip(repeated, texts, strict=True)]
-        scores = self._score(repeated, responses).reshape(len(prompts), n, len(names))
-        self.reward.release()  # frees a reward model loaded from a path before the SFT needs the memory
-        chosen, weighted = select_best(scores, torch.tensor(directions))
+        raw = self._score(repeated, responses)
+        self.reward.release()  # frees a reward model loaded from a path before training needs the memory
+        scale = stated_scale(raw, args.reward_scale)
+        shape = (len(prompts), m, n)
+        scaled = on_stated_scale(raw, scale).reshape(*shape, len(names))
+        raw, texts = raw.reshape(*shape, len(names)), np.asarray(texts, dtype=object).reshape(shape)
         rows = []
         for j, (i, prompt) in enumerate(zip(indices, prompts, strict=True)):
-            v = directions[j]
-            rows.append(
-                {
-                    "index": i,
-                    "prompt": prompt,
-                    "direction": list(v),
-                    "angle": round(angle_of(v), 6) if len(v) == 2 else None,
-                    "conditioned_prompt": conditioned[j],
-                    "candidates": texts[j * n : (j + 1) * n],
-                    "scores": scores[j].tolist(),
-                    "weighted_scores": weighted[j].tolist(),
-                    "chosen": int(chosen[j]),
-                }
-            )
+            stated = [direction_weights(v) for v in directions[j]]
+            for d, v in enumerate(directions[j]):
+                # The candidates this direction chooses among: its own N, or the prompt's M x N.
+                own = slice(0, m) if args.share_candidates else slice(d, d + 1)
+                weighted, best, worst = select_pairs(
+                    scaled[j, own].reshape(1, -1, len(names)),
+                    torch.tensor([stated[d]], dtype=torch.float64) / 100,
+                )
+                weighted, best, worst = weighted[0], int(best[0]), int(worst[0])
+                rows.append(
+                    {
+                        "index": i,
+                        "prompt": prompt,
+                        "direction": list(v),
+                        "angle": round(angle_of(v), 6) if len(v) == 2 else None,
+                        "weights": stated[d],
+                        "conditioned_prompt": conditioned[j][d],
+                        "candidates": texts[j, own].reshape(-1).tolist(),
+                        "sampled_under": [stated[e] for e in range(m)[own] for _ in range(n)],
+                        "scores": raw[j, own].reshape(-1, len(names)).tolist(),
+                        "scale": None if scale is None else scale.tolist(),
+                        "weighted_scores": weighted.tolist(),
+                        "chosen": best,
+                        "rejected": worst,
+                        "gap": float(weighted[best] - weighted[worst]),
+                    }
+                )
         return rows
 
     def _score(self, prompts: list, responses: list) -> torch.Tensor:
@@ -239,8 +290,7 @@ class DPATrainer:
             row, col = (int(x) for x in bad[0])
             raise ValueError(
                 f"reward '{self.reward.name}' returned a non-finite score ({scores[row, col].item()}) for "
-                f"attribute '{names[col]}' of response {row % self.args.num_samples} to prompt "
-                f"{row // self.args.num_samples}; rewards must be finite numbers"
+                f"attribute '{names[col]}' of sampled response {row}; rewards must be finite numbers"
             )
         return scores
 
@@ -255,28 +305,50 @@ class DPATrainer:
         self._policy_iteration = k
 
     def _fine_tune(self, k: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """SFT of the current policy on (conditioned prompt, chosen response); saves the adapter atomically."""
+        """One update of the current policy on the iteration's rows (`update`: SFT on the chosen responses, or
+        DPO on chosen vs rejected); saves the adapter atomically."""
         state = PartialState()
         folder = self.iteration_dir(k)
         work, partial, final = folder / ".trainer", folder / f".{ADAPTER_DIR}.partial", folder / ADAPTER_DIR
-        args = dataclasses.replace(
-            self.args, output_dir=str(work), run_name=f"{self.args.run_name or 'dpa'}/iter-{k}"
-        )
-        trainer = SFTTrainer(
-            model=self.model,
-            args=args,
-            train_dataset=sft_dataset(rows),
-            processing_class=self.processing_class,
-            peft_config=None if is_peft_model(self.model) else self.peft_config,
-            callbacks=self.callbacks,
-        )
+        run_name = f"{self.args.run_name or 'dpa'}/iter-{k}"
+        peft_config = None if is_peft_model(self.model) else self.peft_config
+        if self.args.update == "sft":
+            data = sft_dataset(rows)
+            trainer = SFTTrainer(
+                model=self.model,
+                args=dataclasses.replace(self.args, output_dir=str(work), run_name=run_name),
+                train_dataset=data,
+                processing_class=self.processing_class,
+                peft_config=peft_config,
+                callbacks=self.callbacks,
+            )
+        else:
+            data = dpo_dataset(rows, self.args.min_pair_gap)
+            # A PeftModel (iteration 2 on) makes TRL add a frozen copy of its adapter as the reference: pi_{k-1}.
+            # Iteration 1 gets a new adapter, whose reference is the base model (adapter disabled).
+            trainer = DPOTrainer(
+                model=self.model,
+                args=self.args.dpo_config(output_dir=str(work), run_name=run_name),
+                train_dataset=data,
+                processing_class=self.processing_class,
+                peft_config=peft_config,
+                callbacks=self.callbacks,
+            )
         output = trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if REF_ADAPTER in getattr(model, "peft_config", {}):
+            # saved adapters hold the policy only; the next DPO adds a new copy
+            model.delete_adapter(REF_ADAPTER)
         trainer.save_state()  # the log history: kept with the iteration's adapter
         if state.is_main_process and partial.exists():  # left by a run killed while saving
             shutil.rmtree(partial)
         state.wait_for_everyone()
         trainer.save_model(str(partial))  # every process: sharded weights are gathered
-        metrics = {"train_loss": output.training_loss, "examples": len(rows)}
+        metrics = {
+            "update": self.args.update,
+            "train_loss": output.training_loss,
+            "train_examples": len(data),
+        }
         if state.is_main_process:
             (partial / SFT_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
             keep_logs(work, partial)  # before the work folder goes
@@ -290,16 +362,18 @@ class DPATrainer:
             torch.cuda.empty_cache()
         return metrics
 
-    def _summary(self, k: int, rows: list[dict[str, Any]], sft: dict[str, Any]) -> dict[str, Any]:
+    def _summary(self, k: int, rows: list[dict[str, Any]], trained: dict[str, Any]) -> dict[str, Any]:
         chosen = np.asarray([r["scores"][r["chosen"]] for r in rows], dtype=np.float64)
         weighted = [r["weighted_scores"] for r in rows]
         return {
             "iteration": k,
-            "prompts": len(rows),
+            "prompts": len({r["index"] for r in rows}),
+            "rows": len(rows),
             "chosen_weighted_reward": float(np.mean([r["weighted_scores"][r["chosen"]] for r in rows])),
             "mean_weighted_reward": float(np.mean([np.mean(w) for w in weighted])),
+            "mean_gap": float(np.mean([r["gap"] for r in rows])),
             "chosen_reward": {a: float(chosen[:, j].mean()) for j, a in enumerate(self.args.attribute_names)},
-            **{f"sft_{key}": value for key, value in sft.items()},
+            **trained,  # update, train_loss, train_examples (the rows trained on: DPO keeps rows with a pair)
         }
 
 
@@ -308,14 +382,44 @@ def sft_dataset(rows: Sequence[dict[str, Any]]) -> Dataset:
     direction and the completion its chosen candidate (an assistant message for conversational prompts)."""
     examples = []
     for row in rows:
-        prompt, text = row["conditioned_prompt"], row["candidates"][row["chosen"]]
-        if isinstance(prompt, str):
-            # Standard format: TRL tokenises prompt + completion as one string, so keep the words apart.
-            completion = text if text[:1].isspace() or prompt[-1:].isspace() else " " + text
-        else:
-            completion = [{"role": "assistant", "content": text}]
-        examples.append({"prompt": prompt, "completion": completion})
+        prompt = row["conditioned_prompt"]
+        examples.append(
+            {"prompt": prompt, "completion": _completion(prompt, row["candidates"][row["chosen"]])}
+        )
     return Dataset.from_list(examples)
+
+
+def dpo_dataset(rows: Sequence[dict[str, Any]], min_gap: float = 0.0) -> Dataset:
+    """The DPO data of an iteration: TRL's preference format, the prompt conditioned on the row's direction,
+    `chosen` its best and `rejected` its worst candidate, for the rows whose gap in `v . r` is > 0 and
+    >= `min_gap` (a row whose candidates all tie has no pair)."""
+    examples = []
+    for row in rows:
+        if row["gap"] > 0 and row["gap"] >= min_gap:
+            prompt, candidates = row["conditioned_prompt"], row["candidates"]
+            examples.append(
+                {
+                    "prompt": prompt,
+                    "chosen": _completion(prompt, candidates[row["chosen"]]),
+                    "rejected": _completion(prompt, candidates[row["rejected"]]),
+                }
+            )
+    if not examples:
+        largest = max((row["gap"] for row in rows), default=0.0)
+        raise ValueError(
+            f"no DPO pair: min_pair_gap={min_gap} but the largest gap between the best and worst v . r of a "
+            f"prompt and direction is {largest:.4g} (over {len(rows)} rows); lower min_pair_gap, or sample "
+            "more (num_samples, directions_per_prompt with share_candidates) - the sampled data is kept and "
+            "reused"
+        )
+    return Dataset.from_list(examples)
+
+
+def _completion(prompt: str | list, text: str) -> str | list[dict[str, str]]:
+    if isinstance(prompt, str):
+        # Standard format: TRL tokenises prompt + completion as one string, so keep the words apart.
+        return text if text[:1].isspace() or prompt[-1:].isspace() else " " + text
+    return [{"role": "assistant", "content": text}]
 
 
 def _prompt_list(train_dataset: Dataset | Sequence) -> list:
