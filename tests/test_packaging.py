@@ -26,7 +26,7 @@ def declared() -> set[str]:
 
 def imported_modules() -> set[str]:
     """Top-level names of every `import` in the code, minus the standard library and the code's own modules."""
-    local = {p.stem for folder in CODE for p in (REPO / folder).rglob("*.py")} | {"modpo_trl", "tests"}
+    local = {p.stem for folder in CODE for p in (REPO / folder).rglob("*.py")} | set(CODE) | {"modpo_trl"}
     local |= {p.name for folder in CODE for p in (REPO / folder).rglob("*") if p.is_dir()}
     names = set()
     for folder in CODE:

@@ -52,12 +52,22 @@ NUMBERS = [  # (text on the command line, value the recipe holds)
 
 @pytest.mark.parametrize("text,value", NUMBERS, ids=[n[0] for n in NUMBERS])
 def test_override_values_are_parsed_as_omegaconf_parses_the_recipe_file(text, value, tmp_path):
-    recipe = load(f"training.learning_rate={text}")
-    assert recipe.training["learning_rate"] == value and type(recipe.training["learning_rate"]) is type(value)
+    # a free-form value (learning_rate itself must be a number >= 0)
+    recipe = load(f"training.lr_scheduler_kwargs.x={text}")
+    got = recipe.training["lr_scheduler_kwargs"]["x"]
+    assert got == value and type(got) is type(value)
     # the same text in the recipe file reads the same
     written = tmp_path / "r.yaml"
-    written.write_text(TINY.read_text().replace("learning_rate: 1.0e-3", f"learning_rate: {text}"))
-    assert load_recipe(written, TINY_PATHS).training["learning_rate"] == value
+    written.write_text(
+        TINY.read_text().replace(
+            "learning_rate: 1.0e-3", f"learning_rate: 1.0e-3\n  lr_scheduler_kwargs:\n    x: {text}"
+        )
+    )
+    assert load_recipe(written, TINY_PATHS).training["lr_scheduler_kwargs"]["x"] == value
+
+
+def test_a_learning_rate_override_is_a_number():
+    assert load("training.learning_rate=1e-4").training["learning_rate"] == 1e-4
 
 
 def test_structured_override_values():
@@ -186,10 +196,10 @@ BAD_TRAINING = [  # (method, overrides, message): each rejected by the dry run, 
     ("modpo", ["training.eval_strategy=sometimes"], r"training.eval_strategy='sometimes': sometimes is not"),
     (
         "modpo",
-        ["training.loss_type=bco_pair"],
-        r"training.loss_type=\['bco_pair'\] is not supported by MODPO",
+        ["training.f_divergence_type=js_divergence"],
+        r"training.f_divergence_type='js_divergence' cannot be used with margin rewards",
     ),
-    ("moc", ["training.loss_type=ipo"], r"training.loss_type=\['ipo'\] is not supported by MOC"),
+    ("moc", ["training.loss_type=aot"], r"training.loss_type=\['aot'\] is not supported by MOC"),
     (
         "modpo",
         ["training.report_to=tensorbored"],
