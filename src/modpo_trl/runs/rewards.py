@@ -20,7 +20,7 @@ from ..rewards.sources import (
     RewardSource,
     ScoreError,
 )
-from ..trainers.margins import MARGIN_COLUMNS, MarginScorer
+from ..trainers.margins import CHOSEN_MARGINS, REJECTED_MARGINS, MarginScorer
 from .engine import log
 from .models import check_loadable
 from .recipe import Recipe, RecipeError, RewardConfig
@@ -114,7 +114,7 @@ def margin_columns(
         for i, (dataset, split) in enumerate(zip(out, ("train", "eval"), strict=True)):
             if dataset is not None:
                 scored = _scored(scorer, dataset, split, cfg, key)
-                values = [np.asarray(scored[c])[:, 0].tolist() for c in MARGIN_COLUMNS]
+                values = [np.asarray(scored[c])[:, 0].tolist() for c in (CHOSEN_MARGINS, REJECTED_MARGINS)]
                 out[i] = dataset.add_column(columns[0], values[0]).add_column(columns[1], values[1])
         readers.append(ColumnReward(*columns, name=source.name))
     return out, readers
