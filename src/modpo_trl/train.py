@@ -5,7 +5,9 @@
 
 The recipe is resolved into a plan (`modpo_trl.runs.engine`): `method: modpo` trains one LoRA adapter per
 weighting, `moc` and `dpa` one conditioned adapter. A bad recipe, a missing file or a model that cannot be
-loaded ends with a one-paragraph message and exit status 2.
+loaded ends with a one-paragraph message and exit status 2; SIGTERM and Ctrl-C (SIGINT) with one line and the
+shell's status for the signal (143, 130), after marking the run being trained `interrupted` (the same command
+resumes it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .runs.engine import execute, make_plan, print_plan
 from .runs.memory import memory_lines
 from .runs.methods import method_of
 from .runs.recipe import RecipeError, is_user_error, load_recipe, resolved_yaml
+from .runs.signals import Interrupted, interruptible
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,22 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        plan = make_plan(
-            recipe, method_of(recipe), dry_run=args.dry_run, retrain_changed=args.retrain_changed
-        )
-        if args.dry_run:
-            print(f"# {args.recipe}, resolved\n{resolved_yaml(recipe)}")
-            print("\n".join(memory_lines(recipe, plan.runs[0].args)))
-            print_plan(plan)
-        else:
-            execute(plan)
+        with interruptible():
+            return _run(args)
     except (RecipeError, OSError) as e:
         if not is_user_error(e):
             raise
         message = " ".join(str(e).split())  # one paragraph, whatever the wrapped error looked like
         print(f"modpo_trl.train: error: {message}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"modpo_trl.train: interrupted by {e.name}; run the same command to resume", file=sys.stderr)
+        return e.exit_status
+
+
+def _run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = make_plan(recipe, method_of(recipe), dry_run=args.dry_run, retrain_changed=args.retrain_changed)
+    if args.dry_run:
+        print(f"# {args.recipe}, resolved\n{resolved_yaml(recipe)}")
+        print("\n".join(memory_lines(recipe, plan.runs[0].args)))
+        print_plan(plan)
+    else:
+        execute(plan)
     return 0
 
 

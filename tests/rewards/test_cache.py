@@ -1,4 +1,9 @@
 import copy
+import os
+import re
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -118,10 +123,74 @@ def test_content_fingerprint_ignores_how_the_dataset_was_built():
 
 def test_score_cache_writes_atomically(tmp_path):
     cache = ScoreCache(tmp_path)
-    assert cache.load("k", "x") is None
+    assert cache.load("k", "x", ["a"], 3) is None
     cache.save("k", "x", {"a": np.arange(3)})
-    np.testing.assert_array_equal(cache.load("k", "x")["a"], np.arange(3))
+    np.testing.assert_array_equal(cache.load("k", "x", ["a"], 3)["a"], np.arange(3))
     assert [p.name for p in (tmp_path / "k").iterdir()] == ["x.npz"]  # no temp file left behind
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the first array's data: its CRC-32 no longer matches
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "unreadable"),
+    "garbage": (lambda p: p.write_bytes(b"not a zip file at all" * 10), "unreadable"),
+    "empty": (lambda p: p.write_bytes(b""), "unreadable"),
+    "flipped byte": (_flip_a_byte, "unreadable"),
+    "wrong length": (lambda p: np.savez(p, a=np.zeros(5), b=np.zeros(4)), "of the wrong length"),
+    "missing array": (lambda p: np.savez(p, a=np.zeros(4)), "missing the array 'b'"),
+    "NaN": (lambda p: np.savez(p, a=np.array([0, np.nan, 0, 0]), b=np.zeros(4)), "holding non-finite"),
+    "text": (lambda p: np.savez(p, a=np.array(list("abcd")), b=np.zeros(4)), "not numeric"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_bad_cache_entry_is_removed_with_a_warning_naming_it(tmp_path, corruption):
+    damage, problem = CORRUPTIONS[corruption]
+    cache = ScoreCache(tmp_path)
+    path = cache.save("k", "x", {"a": np.arange(4.0) * 1e6, "b": np.ones(4)})
+    damage(path)
+    with pytest.warns(
+        UserWarning, match=f"score cache entry {re.escape(str(path))} is {problem}.*computed again"
+    ):
+        assert cache.load("k", "x", ["a", "b"], 4) is None
+    assert not path.exists()
+    cache.save("k", "x", {"a": np.zeros(4), "b": np.ones(4)})  # recomputed
+    assert cache.load("k", "x", ["a", "b"], 4)["b"].tolist() == [1, 1, 1, 1]
+
+
+def test_nan_is_read_where_it_means_not_applicable_but_infinity_never(tmp_path):
+    cache = ScoreCache(tmp_path)
+    cache.save("margins", "x", {"chosen": np.array([1.0, np.nan]), "rejected": np.zeros(2)})
+    assert np.isnan(cache.load("margins", "x", ["chosen", "rejected"], 2, allow_nan=True)["chosen"][1])
+    cache.save("margins", "x", {"chosen": np.array([1.0, np.inf]), "rejected": np.zeros(2)})
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert cache.load("margins", "x", ["chosen", "rejected"], 2, allow_nan=True) is None
+
+
+def test_temporaries_of_dead_processes_are_removed(tmp_path):
+    """What a killed write leaves (`.<key>.npz.<pid>@<host>.<hex>.tmp`) goes at the next save; a live process's
+    temporary and another machine's recent one stay."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    folder = tmp_path / "k"
+    folder.mkdir()
+    names = {
+        "dead": f".a.npz.{int(dead.stdout)}@{host}.0123abcd.tmp",
+        "dead, old name": f".manifest.json.{int(dead.stdout)}.89abcdef.tmp",
+        "alive": f".b.npz.{os.getpid()}@{host}.0123abcd.tmp",
+        "other machine": f".c.npz.{int(dead.stdout)}@elsewhere.0123abcd.tmp",
+    }
+    for name in names.values():
+        (folder / name).write_bytes(b"half")
+    ScoreCache(tmp_path).save("k", "x", {"a": np.zeros(1)})
+    left = {p.name for p in folder.iterdir()}
+    assert left == {"x.npz", names["alive"], names["other machine"]}
 
 
 def test_default_cache_dir_follows_env(monkeypatch, tmp_path):

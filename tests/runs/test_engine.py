@@ -114,7 +114,7 @@ def test_sweep_trains_each_weighting_once_and_scores_the_data_once(saved_models,
         assert args.weights == weights and args.objective_names == ["helpful", "harmless"]
         assert args.output_dir == str(run_dir / f".{tag}.tmp") and args.run_name == f"tiny/{tag}"
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.endswith(".lock")) == sorted(
-        [*TAGS, "manifest.json", "recipe.yaml"]
+        [*TAGS, "manifest.json", ".manifest.json.bak", "recipe.yaml"]
     )  # no temp dir or partial adapter left behind
     assert load_recipe(run_dir / "recipe.yaml").weightings() == recipe.weightings()
     # 3 trainings of 2 steps; the 12 pairs' 24 responses scored once in batches of 4, and one reference pass:

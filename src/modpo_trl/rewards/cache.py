@@ -14,6 +14,8 @@ import json
 import os
 import re
 import uuid
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.file_download import repo_folder_name
 from trl.trainer.utils import hash_module
 
-from ..storage import atomic_path, default_cache_dir, write_atomic
+from ..storage import atomic_path, default_cache_dir, fault_point, remove_stale_temporaries, write_atomic
 
 __all__ = [
     "ScoreCache",
@@ -176,7 +178,10 @@ def module_fingerprint(model: torch.nn.Module) -> str:
 
 
 class ScoreCache:
-    """Arrays stored as `<directory>/<kind>/<key>.npz`, written atomically."""
+    """Arrays stored as `<directory>/<kind>/<key>.npz`, written atomically and checked when read: an entry that
+    cannot be read (truncated, not a zip, a flipped byte: each array's CRC-32 is checked), lacks an array, has
+    the wrong number of rows or holds values it may not (infinities; NaN unless `allow_nan`) is removed with a
+    warning naming it, and read as a miss, so its scores are computed again."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
@@ -184,15 +189,51 @@ class ScoreCache:
     def path(self, kind: str, key: str) -> Path:
         return self.directory / kind / f"{key}.npz"
 
-    def load(self, kind: str, key: str) -> dict[str, np.ndarray] | None:
+    def load(
+        self, kind: str, key: str, names: Sequence[str], rows: int, allow_nan: bool = False
+    ) -> dict[str, np.ndarray] | None:
+        """The arrays `names`, each with `rows` rows, of the entry `kind/key`; None when there is none (or it was
+        bad, see the class)."""
         path = self.path(kind, key)
         if not path.exists():
             return None
-        with np.load(path) as data:
-            return {name: data[name] for name in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+            problem = _entry_problem(arrays, names, rows, allow_nan)
+        except Exception as e:  # whatever a damaged file makes numpy or zipfile raise
+            problem = f"unreadable ({type(e).__name__}: {e})"
+        if problem is None:
+            return {name: arrays[name] for name in names}
+        warnings.warn(
+            f"score cache entry {path} is {problem}; removed, its scores are computed again", stacklevel=2
+        )
+        path.unlink(missing_ok=True)
+        return None
 
     def save(self, kind: str, key: str, arrays: dict[str, np.ndarray]) -> Path:
         path = self.path(kind, key)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            fault_point("write:cache")
+        remove_stale_temporaries(path.parent)
         return path
+
+
+def _entry_problem(
+    arrays: dict[str, np.ndarray], names: Sequence[str], rows: int, allow_nan: bool
+) -> str | None:
+    """What is wrong with a cache entry's arrays, or None."""
+    for name in names:
+        if name not in arrays:
+            return f"missing the array {name!r} (it has {sorted(arrays)})"
+        array = arrays[name]
+        if array.ndim == 0 or len(array) != rows:
+            return f"of the wrong length ({name!r} has shape {array.shape}; {rows} rows expected)"
+        if not np.issubdtype(array.dtype, np.number):
+            return f"not numeric ({name!r} has dtype {array.dtype})"
+        bad = np.isinf(array) if allow_nan else ~np.isfinite(array)
+        if bad.any():
+            return f"holding non-finite values ({int(bad.sum())} in {name!r})"
+    return None

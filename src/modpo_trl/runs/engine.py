@@ -5,13 +5,20 @@ A recipe is resolved once into a `Plan` (its method, its runs with their trainer
 directory):
 
     manifest.json      every run: status, metrics, fingerprints, times (read by the evaluation and serving)
+    .manifest.json.bak a copy of the last manifest written, which replaces a damaged manifest.json
     recipe.yaml        the resolved recipe, for provenance
     <tag>/             a finished adapter + tokenizer (`w-0.30-0.70/`, `moc/`, `dpa/`): exists under this name
                        only when complete
-    .<tag>.tmp/        the work folder of a run being trained (checkpoints: the resume point), deleted when done
-    .<tag>.partial/    the adapter being saved, renamed to `<tag>/` once written
+    .<tag>.tmp/        the work folder of a run being trained (checkpoints: the resume point), deleted once the
+                       manifest says `done`
+    .<tag>.partial/    the adapter being saved, renamed to `<tag>/` once written and checked
     .<tag>.lock        held by the process training that run, so concurrent sweeps skip it
     .data/             distributed runs only: the pairs on disk, shared by the processes (see `on_disk`)
+
+A run's manifest status goes `pending` -> `running` -> `finishing` (its adapter is complete and checked, about to
+take its final name) -> `done`; or `failed` / `interrupted` (SIGTERM, Ctrl-C). A process killed at any point loses
+no training: a `finishing` run whose adapter folder exists is recorded `done` by the next run, any other resumes
+from its last checkpoint.
 
 Scores that depend only on the data (margin rewards, reference log-probs) are cached by content, so every run
 after the first, in this process or another, trains without scoring them again.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shutil
 import sys
@@ -37,43 +45,84 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_from_disk
 from filelock import FileLock, Timeout
+from safetensors.torch import load_file
 
 from ..rewards.cache import fingerprint
-from ..storage import write_atomic
+from ..storage import atomic_path, fault_point, remove_stale_temporaries, write_atomic
 from .method import Method, Prepared, Run, trainer_config
 from .models import check_policy
 from .publish import check_outputs, finish_adapter
-from .recipe import TRAINED_SECTIONS, Recipe, RecipeError, as_dict, resolved_yaml
+from .recipe import TRAINED_SECTIONS, Recipe, RecipeError, as_dict, leaves, resolved_yaml
+from .signals import Interrupted, critical, interruptible
 
 MANIFEST = "manifest.json"
+
+
+class NonFiniteError(RecipeError):
+    """Training diverged: a loss, gradient norm or adapter weight is NaN or infinite."""
 
 
 class Manifest:
     """`<run_dir>/manifest.json`, changed by read-modify-write under a file lock and replaced atomically, so
     concurrent sweeps on one run directory (a job array) keep each other's entries and readers never see a
-    half-written file."""
+    half-written file. Each write is copied to `.manifest.json.bak`, which replaces a manifest found damaged."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / MANIFEST
+        self.backup = Path(run_dir) / f".{MANIFEST}.bak"
         self.lock = FileLock(f"{self.path}.lock")
 
     def read(self) -> dict[str, Any]:
         if not self.path.exists():
             return {}
-        return json.loads(self.path.read_text())
+        try:
+            return _parse(self.path)
+        except ValueError as e:
+            return self._restore(e)
+
+    def _restore(self, error: ValueError) -> dict[str, Any]:
+        with self.lock:
+            try:
+                return _parse(self.path)  # restored meanwhile by another process
+            except ValueError:
+                pass
+            try:
+                data = _parse(self.backup)
+            except (OSError, ValueError):
+                raise RecipeError(
+                    f"{self.path} is damaged ({error}) and has no good copy in {self.backup.name}; move it away to "
+                    "start a new manifest (finished adapters are then trained again)"
+                ) from None
+            write_atomic(self.path, self.backup.read_text())
+        statuses = [entry.get("status") for entry in data.get("runs", {}).values()]
+        counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)) or "no runs"
+        warn(f"{self.path} was damaged ({error}); restored its last copy ({counts})")
+        return data
 
     def runs(self) -> dict[str, dict[str, Any]]:
         return self.read().get("runs", {})
 
     def update(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        with self.lock:
+        with critical(), self.lock:
             data = self.read()
             change(data)
-            write_atomic(self.path, json.dumps(data, indent=2) + "\n")
+            text = json.dumps(data, indent=2) + "\n"
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(text)
+                fault_point("write:manifest")
+            write_atomic(self.backup, text)
         return data
 
     def update_run(self, tag: str, **values: Any) -> dict[str, Any]:
         return self.update(lambda data: data["runs"][tag].update(values))
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    """A manifest file's content; ValueError when it is not a JSON object (e.g. truncated)."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"not a JSON object but a {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -142,23 +191,15 @@ def is_done(entry: dict[str, Any] | None, run_dir: Path) -> bool:
     return bool(entry) and entry["status"] == "done" and (run_dir / entry["adapter"]).is_dir()
 
 
-def trained_sections(recipe: Recipe) -> dict[str, Any]:
-    """What the adapters depend on in the recipe (recorded with each run, compared on the next)."""
-    resolved = as_dict(recipe)
+def trained_sections(recipe: Recipe, redact: bool = True) -> dict[str, Any]:
+    """What the adapters depend on in the recipe (recorded with each run, compared on the next); values read from
+    the environment as their `${oc.env:...}` text unless not `redact`."""
+    resolved = as_dict(recipe, redact=redact)
     return {k: resolved[k] for k in TRAINED_SECTIONS}
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
-    return fingerprint(trained_sections(recipe))
-
-
-def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"training": {"beta": 0.1}}` -> `{"training.beta": 0.1}` (list items by index)."""
-    if isinstance(value, dict) and value:
-        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
-    if isinstance(value, list) and value and any(isinstance(v, dict | list) for v in value):
-        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): value}
+    return fingerprint(trained_sections(recipe, redact=False))
 
 
 def recipe_changes(entry: dict[str, Any] | None, recipe: Recipe) -> list[str] | None:
@@ -170,7 +211,7 @@ def recipe_changes(entry: dict[str, Any] | None, recipe: Recipe) -> list[str] | 
     recorded = entry["fingerprints"].get("recipe")
     if recorded in (None, recipe_fingerprint(recipe)):
         return None
-    before, now = _leaves(entry.get("trained_recipe") or {}), _leaves(trained_sections(recipe))
+    before, now = leaves(entry.get("trained_recipe") or {}), leaves(trained_sections(recipe))
     if not before:
         return []
 
@@ -185,7 +226,11 @@ def recipe_changes(entry: dict[str, Any] | None, recipe: Recipe) -> list[str] | 
 
 
 def describe_changes(changes: list[str]) -> str:
-    return "; ".join(changes) if changes else "which keys is not recorded for this run"
+    return (
+        "; ".join(changes)
+        if changes
+        else "which keys is not recorded for this run, or a value read from the environment changed"
+    )
 
 
 def status_rows(plan: Plan) -> list[dict[str, Any]]:
@@ -331,11 +376,17 @@ def _register(plan: Plan) -> Callable[[dict[str, Any]], None]:
 def execute(plan: Plan) -> dict[str, Any]:
     """Trains every selected run of `plan` that is not done yet; returns the manifest.
 
-    A run is done when its manifest status is `done` and its adapter folder exists; anything else is
-    (re)trained, resuming from the last complete checkpoint of an interrupted run of the same recipe. A done run
-    whose trained sections changed since is kept with a warning naming the changes, or trained again when
-    `plan.retrain_changed`.
+    A run is done when its manifest status is `done` and its adapter folder exists; a `finishing` one whose adapter
+    folder exists is recorded done without training; anything else is (re)trained, resuming from the last complete
+    checkpoint of an interrupted run of the same recipe. A done run whose trained sections changed since is kept
+    with a warning naming the changes, or trained again when `plan.retrain_changed`. SIGTERM and SIGINT raise
+    `Interrupted` at a safe point (`runs.signals`), after marking the run being trained `interrupted`.
     """
+    with interruptible():
+        return _execute(plan)
+
+
+def _execute(plan: Plan) -> dict[str, Any]:
     recipe, run_dir = plan.recipe, plan.run_dir
     check_policy(recipe)  # fails before anything is written or loaded
     check_output_dir(recipe)
@@ -361,6 +412,8 @@ def execute(plan: Plan) -> dict[str, Any]:
         return todo
 
     todo = main_decides(pending)
+    if state.is_main_process and run_dir.is_dir():
+        remove_litter(run_dir, plan.runs, manifest)
     if not todo:
         log(f"{run_dir}: all {len(selected)} selected run(s) done; nothing to train")
         return manifest.read()
@@ -390,11 +443,22 @@ def execute(plan: Plan) -> dict[str, Any]:
             if is_done(entry, run_dir) and recipe_changes(entry, recipe) is None:  # finished meanwhile
                 lock.release()
                 return "done"
+            if recover(run_dir, entry, recipe_fp, manifest):
+                lock.release()
+                return "recovered"
             return "train"
 
         decision = main_decides(claim)
         if decision != "train":
-            log(f"{prefix}: {'done' if decision == 'done' else 'being trained by another process'}, skipped")
+            log(
+                f"{prefix}: "
+                + {
+                    "done": "done, skipped",
+                    "busy": "being trained by another process, skipped",
+                    "recovered": "its complete adapter (saved by a process stopped while finishing) is now "
+                    "recorded done",
+                }[decision]
+            )
             continue
         try:
             _train_run(plan, run, prepared, fingerprints, sections, prefix)
@@ -402,6 +466,70 @@ def execute(plan: Plan) -> dict[str, Any]:
             if state.is_main_process:
                 lock.release()
     return manifest.read()
+
+
+def recover(run_dir: Path, entry: dict[str, Any], recipe_fp: str, manifest: Manifest) -> bool:
+    """Records `done` a run of this recipe stopped while finishing (main process, holding its lock): its adapter
+    was complete and checked when `finishing` was recorded, and only its renaming or recording may be missing."""
+    tag = entry["tag"]
+    final_dir, partial_dir = run_dir / entry["adapter"], run_dir / f".{tag}.partial"
+    if entry["status"] != "finishing" or entry["fingerprints"].get("recipe") != recipe_fp:
+        return False
+    if not final_dir.is_dir() and partial_dir.is_dir():
+        os.replace(partial_dir, final_dir)
+    if not final_dir.is_dir():
+        return False
+    check_finite_adapter(final_dir)
+    with critical():
+        manifest.update_run(tag, status="done", finished=entry.get("finished") or _now())
+        shutil.rmtree(work_dir(run_dir, tag), ignore_errors=True)
+    return True
+
+
+def remove_litter(run_dir: Path, runs: list[Run], manifest: Manifest) -> None:
+    """What killed processes left in `run_dir` (main process): temporary files of dead processes, and the work
+    folders of runs not being trained (their lock is free) that hold no file or belong to a done run."""
+    remove_stale_temporaries(run_dir)
+    entries = manifest.runs()
+    for run in runs:
+        folder = run.work_dir
+        if not folder.is_dir():
+            continue
+        lock = FileLock(run_dir / f".{run.tag}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        try:
+            if is_done(entries.get(run.tag), run_dir) or not any(p.is_file() for p in folder.rglob("*")):
+                shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release()
+
+
+def check_finite_metrics(tag: str, metrics: dict[str, Any]) -> None:
+    """A training whose loss or gradient norm ended non-finite: a `NonFiniteError` naming them."""
+    bad = {
+        k: v
+        for k, v in metrics.items()
+        if k in ("loss", "train_loss", "grad_norm") and isinstance(v, float) and not math.isfinite(v)
+    }
+    if bad:
+        raise NonFiniteError(
+            f"{tag}: training diverged ({', '.join(f'{k}={v}' for k, v in bad.items())}); it is not marked done. "
+            "Check the data and reward scores, lower training.learning_rate or change training.beta"
+        )
+
+
+def check_finite_adapter(folder: Path) -> None:
+    """Every tensor of the adapter's safetensors files is finite, else a `NonFiniteError` naming one."""
+    for file in sorted(folder.glob("*.safetensors")):
+        for name, tensor in load_file(file).items():
+            if not torch.isfinite(tensor).all():
+                raise NonFiniteError(
+                    f"{file}: tensor {name!r} holds NaN or infinite values; the adapter is not marked done. Check "
+                    "the data and reward scores, lower training.learning_rate or change training.beta"
+                )
 
 
 def _train_run(
@@ -439,13 +567,14 @@ def _train_run(
         )
         return resume
 
-    resume = main_decides(resume_point)
-    log(f"{prefix}: training{f' (resuming from {Path(resume).name})' if resume else ''} ...")
     started = time.monotonic()
     trained = None
     try:
+        resume = main_decides(resume_point)
+        log(f"{prefix}: training{f' (resuming from {Path(resume).name})' if resume else ''} ...")
         trained = plan.method.train(plan.recipe, run, prepared, resume)
         metrics = trained.metrics
+        check_finite_metrics(run.tag, metrics)
         if state.is_main_process and partial_dir.exists():  # left by a run killed while saving
             shutil.rmtree(partial_dir)
         state.wait_for_everyone()
@@ -453,12 +582,17 @@ def _train_run(
         state.wait_for_everyone()
         if state.is_main_process:
             finish_adapter(partial_dir, plan.recipe, plan.method, run, trained)
+            check_finite_adapter(partial_dir)
+            fault_point("finish:saved")
             if final_dir.exists():  # a stale folder without a `done` status (e.g. copied, or a crash)
                 shutil.rmtree(final_dir)
-            os.replace(partial_dir, final_dir)
-            shutil.rmtree(run.work_dir, ignore_errors=True)
-            manifest.update_run(run.tag, status="done", finished=_now(), metrics=trained.metrics)
         state.wait_for_everyone()
+    except Interrupted as e:
+        if state.is_main_process:
+            manifest.update_run(
+                run.tag, status="interrupted", finished=_now(), error=f"interrupted by {e.name}"
+            )
+        raise
     except Exception as e:
         if state.is_main_process:
             manifest.update_run(run.tag, status="failed", finished=_now(), error=f"{type(e).__name__}: {e}")
@@ -470,6 +604,18 @@ def _train_run(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if state.is_main_process:
+        # Each step leaves a state the next run completes without training: `finishing` with the adapter under
+        # either name is recorded done by `recover`; the checkpoints go only once the manifest says done.
+        with critical():
+            manifest.update_run(run.tag, status="finishing", finished=_now(), metrics=metrics)
+            fault_point("finish:recorded")
+            os.replace(partial_dir, final_dir)
+            fault_point("finish:renamed")
+            manifest.update_run(run.tag, status="done")
+            fault_point("finish:done")
+            shutil.rmtree(run.work_dir, ignore_errors=True)
+    state.wait_for_everyone()
     loss = (
         f" (train_loss {metrics['train_loss']:.4f})" if isinstance(metrics.get("train_loss"), float) else ""
     )

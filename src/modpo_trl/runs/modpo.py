@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainerState
+
 from ..rewards.cache import content_fingerprint, path_fingerprint
 from ..trainers.modpo_config import MODPOConfig
 from ..trainers.modpo_trainer import MODPOTrainer
 from .data import load_preference_data
-from .engine import is_done, on_disk, work_dir
+from .engine import check_finite_metrics, is_done, on_disk, work_dir
 from .method import Candidate, Method, Prepared, Run, Trained, trainer_config
 from .models import load_policy, lora_config
 from .recipe import Recipe, weight_tag
@@ -88,13 +92,36 @@ def fit(trainer_class: type, recipe: Recipe, run: Run, prepared: Prepared, resum
         processing_class=tokenizer,
         margin_rewards=prepared.inputs["margin_rewards"],
         peft_config=lora_config(recipe),
+        callbacks=[StopOnNonFinite(run.tag)],
     )
-    output = trainer.train(resume_from_checkpoint=resume)
+    final = Path(resume or "") / "adapter_model.safetensors"
+    state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")) if resume else None
+    if state is not None and 0 < run.args.max_steps <= state.global_step and final.is_file():
+        # The checkpoint is the finished training (a run stopped while saving its adapter): it is taken as it is,
+        # since Trainer resumed mid-epoch at max_steps would train one step more.
+        set_peft_model_state_dict(trainer.model, load_file(final))
+        trainer.state, output = state, None
+    else:
+        output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()  # trainer_state.json (the log history), kept with the adapter (runs.publish)
-    return Trained(lambda folder: trainer.save_model(str(folder)), final_metrics(trainer, output))
+    return Trained(lambda folder: trainer.save_model(str(folder)), final_metrics(trainer, output, resume))
 
 
-def final_metrics(trainer: Any, output: Any) -> dict[str, Any]:
-    """The last logged training metrics and the mean training loss, for the manifest."""
+def final_metrics(trainer: Any, output: Any, resume: str | None = None) -> dict[str, Any]:
+    """The last logged training metrics and the mean training loss, for the manifest. A resumed training has no
+    mean loss (None): the trainer averages only the steps of this process, over every step."""
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    return {**(logs[-1] if logs else {}), "train_loss": output.training_loss}
+    return {
+        **(logs[-1] if logs else {}),
+        "train_loss": None if resume or output is None else output.training_loss,
+    }
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops a training as soon as a logged loss or gradient norm is NaN or infinite (`NonFiniteError`)."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any):
+        check_finite_metrics(f"{self.tag} (step {state.global_step})", logs or {})

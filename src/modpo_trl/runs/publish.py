@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard, get_token
 from huggingface_hub import constants as hub_constants
@@ -103,11 +104,28 @@ def finish_adapter(folder: Path, recipe: Recipe, method: Method, run: Run, train
     its final name): logs, model card, and the push when the recipe asks for it, whose outcome goes into
     `trained.metrics["hub"]` (and so into the manifest)."""
     keep_logs(run.work_dir, folder)
+    redact_training_args(folder / "training_args.bin", recipe)
     pushing = bool(recipe.training.get("push_to_hub"))
     repo_id = hub_repo_id(recipe, run.tag) if pushing else None
     write_model_card(folder, recipe, method, run, repo_id)
     if repo_id is not None:
         trained.metrics["hub"] = push(folder, recipe, repo_id, recipe.run_dir / run.tag)
+
+
+def redact_training_args(path: Path, recipe: Recipe) -> None:
+    """The trainer config pickled by `Trainer.save_model` (`training_args.bin`), with the `training` values read
+    from the environment (e.g. `hub_token: ${oc.env:HF_TOKEN}`) as their `${oc.env:...}` text."""
+    keys = {
+        k[9:]: v
+        for k, v in recipe.from_environment.items()
+        if k.startswith("training.") and k.count(".") == 1
+    }
+    if not keys or not path.is_file():
+        return
+    args = torch.load(path, weights_only=False)  # written by this process's trainer a moment ago
+    for key, text in keys.items():
+        setattr(args, key, text)
+    torch.save(args, path)
 
 
 def write_model_card(folder: Path, recipe: Recipe, method: Method, run: Run, repo_id: str | None) -> None:

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -236,6 +236,9 @@ class Recipe:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     training: dict[str, Any] = field(default_factory=dict)  # MODPOConfig / DPOConfig fields
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Dotted key -> the `${oc.env:...}` text of every value read from the environment (tokens, private paths):
+    # set by `load_recipe`, and written in their place wherever the recipe is written (`as_dict`, `resolved_yaml`).
+    from_environment: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -376,6 +379,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         recipe: Recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise RecipeError(_explain(e, path)) from None
+    unresolved = leaves(OmegaConf.to_container(merged, resolve=False))
+    recipe.from_environment = {k: v for k, v in unresolved.items() if isinstance(v, str) and "oc.env" in v}
     validate(recipe, base_dir=path.parent)
     return recipe
 
@@ -723,8 +728,42 @@ def _matches_number(value: Any, hint: Any) -> bool:
 
 
 def resolved_yaml(recipe: Recipe) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    """The recipe as it is written next to its runs: resolved, but values read from the environment as their
+    `${oc.env:...}` text (see `as_dict`)."""
+    return OmegaConf.to_yaml(OmegaConf.create(as_dict(recipe)))
 
 
-def as_dict(recipe: Recipe) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)  # type: ignore[return-value]
+def as_dict(recipe: Recipe, redact: bool = True) -> dict[str, Any]:
+    """The recipe resolved, as plain values. With `redact` (what is written: manifests, model cards) every value
+    read from the environment is its `${oc.env:...}` text, and so is that value wherever else it appears (e.g.
+    an interpolation of it)."""
+    data = OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
+    if not redact or not recipe.from_environment:
+        return data  # type: ignore[return-value]
+    values = leaves(data)
+    secrets = {str(values[k]): text for k, text in recipe.from_environment.items() if str(values.get(k, ""))}
+
+    def hide(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: hide(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [hide(v) for v in value]
+        if isinstance(value, str):
+            if value in secrets:
+                return secrets[value]
+            for secret, text in secrets.items():
+                if len(secret) >= 4:  # inside a longer value; a short one would match by chance
+                    value = value.replace(secret, text)
+        return value
+
+    return hide(data)
+
+
+def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"training": {"beta": 0.1}}` -> `{"training.beta": 0.1}` (list items by index when any is a mapping or
+    a list; a list of plain values is one leaf)."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in leaves(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value and any(isinstance(v, dict | list) for v in value):
+        return {k: v for i, item in enumerate(value) for k, v in leaves(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}

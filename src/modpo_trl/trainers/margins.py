@@ -146,7 +146,9 @@ class MarginScorer:
         state = PartialState()
         # The main process scores and fills the cache first; the others then read it instead of scoring again.
         with state.main_process_first():
-            cached = cache.load("margins", key) if cache is not None else None
+            # NaN: the source does not apply to that response (None)
+            names, rows = ("chosen", "rejected"), len(dataset)
+            cached = cache.load("margins", key, names, rows, allow_nan=True) if cache is not None else None
             if cached is None:
                 chosen, rejected = source.score_pairs(dataset, self.batch_size)
                 source.release()

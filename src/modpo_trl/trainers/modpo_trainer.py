@@ -159,13 +159,14 @@ class MODPOTrainer(DPOTrainer):
             self.ld_alpha,
         )
         # Every rank must take the same branch: the parent's precompute gathers across processes.
-        cached = [self._score_cache.load("ref_logps", key) if self.accelerator.is_main_process else None]
+        columns = ("ref_chosen_logps", "ref_rejected_logps")
+        main = self.accelerator.is_main_process
+        cached = [self._score_cache.load("ref_logps", key, columns, len(dataset)) if main else None]
         broadcast_object_list(cached, from_process=0)
         if cached[0] is None:
             dataset = super()._precompute_ref_logps(dataset, name, batch_size)
             if self.accelerator.is_main_process:
-                columns = {c: np.asarray(dataset[c]) for c in ("ref_chosen_logps", "ref_rejected_logps")}
-                self._score_cache.save("ref_logps", key, columns)
+                self._score_cache.save("ref_logps", key, {c: np.asarray(dataset[c]) for c in columns})
             return dataset
         for column, values in cached[0].items():
             dataset = dataset.add_column(column, values.tolist())
