@@ -1,6 +1,7 @@
 """A finished run whose trained sections changed is not skipped silently: a warning names what changed, the dry
 run shows it, and `--retrain-changed` trains it again under the new recipe."""
 
+from modpo_trl.runs.engine import recipe_changes, trained_sections
 from modpo_trl.train import main
 from modpo_trl.trainers.modpo_trainer import MODPOTrainer
 
@@ -48,3 +49,18 @@ def test_a_run_trained_under_another_recipe_is_reported_and_retrained_on_request
     capsys.readouterr()
     train_recipe(tiny_recipe(saved_models, tmp_path, *CHANGED), retrain_changed=True)  # nothing changed since
     assert len(trainings) == 2 and "WARNING" not in capsys.readouterr().err
+
+
+def test_a_field_added_since_at_a_neutral_value_is_no_change(saved_models, tmp_path):  # noqa: F811 - fixture
+    """A run recorded before `lora.use_dora` existed trained as `use_dora: false` does: not a change. The same
+    field set to true is one."""
+    recipe = tiny_recipe(saved_models, tmp_path)
+    entry = {
+        "status": "done",
+        "fingerprints": {"recipe": "recorded-by-an-older-version"},
+        "trained_recipe": trained_sections(recipe),
+    }
+    del entry["trained_recipe"]["lora"]["use_dora"]
+    assert recipe_changes(entry, recipe) is None
+    recipe.lora.use_dora = True
+    assert recipe_changes(entry, recipe) == ["lora.use_dora: (unset) -> True"]

@@ -204,8 +204,9 @@ def recipe_fingerprint(recipe: Recipe) -> str:
 
 def recipe_changes(entry: dict[str, Any] | None, recipe: Recipe) -> list[str] | None:
     """How `recipe`'s trained sections differ from those a finished run was trained under: `["training.beta: 0.1 ->
-    0.5", ...]`; None when they do not (or the run is not finished); `[]` when only the fingerprint says so (a run
-    recorded before its sections were)."""
+    0.5", ...]`; None when they do not (or the run is not finished, or the only difference is a field added to the
+    schema since, at a neutral value: None, false, empty); `[]` when only the fingerprint says so (a run recorded
+    before its sections were)."""
     if not entry or entry["status"] != "done":
         return None
     recorded = entry["fingerprints"].get("recipe")
@@ -218,11 +219,14 @@ def recipe_changes(entry: dict[str, Any] | None, recipe: Recipe) -> list[str] | 
     def shown(values: dict[str, Any], key: str) -> str:
         return repr(values[key]) if key in values else "(unset)"
 
-    return [
+    changes = [
         f"{key}: {shown(before, key)} -> {shown(now, key)}"
         for key in sorted(set(before) | set(now))
         if key not in before or key not in now or before[key] != now[key]
     ]
+    # A field that a later modpo_trl added (absent from the record) at a neutral value trains as before it existed.
+    added_unset = [k for k in set(now) - set(before) if now[k] in (None, False, [], {}, "")]
+    return [c for c in changes if c.partition(":")[0] not in added_unset] or None
 
 
 def describe_changes(changes: list[str]) -> str:
