@@ -34,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ from datasets import Dataset, load_from_disk
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file
 
-from ..rewards.cache import fingerprint
+from ..rewards.cache import content_fingerprint, fingerprint
 from ..storage import atomic_path, fault_point, remove_stale_temporaries, write_atomic
 from .method import Method, Prepared, Run, trainer_config
 from .models import check_policy
@@ -330,6 +330,18 @@ def on_disk(dataset: Dataset, folder: Path) -> Dataset:
             shutil.rmtree(tmp)
     state.wait_for_everyone()
     return load_from_disk(str(folder))
+
+
+def pairs_on_disk(
+    train: Dataset, evals: Dataset | None, run_dir: Path, columns: Sequence[str], prefix: str = ""
+) -> tuple[Dataset, Dataset | None, str]:
+    """The train and eval pairs `on_disk` under `<run_dir>/.data/<prefix>train-<fingerprint>` (and eval), with the
+    train pairs' content fingerprint over `columns`."""
+    data_fp = content_fingerprint(train, columns)
+    train = on_disk(train, run_dir / ".data" / f"{prefix}train-{data_fp}")
+    if evals is not None:
+        evals = on_disk(evals, run_dir / ".data" / f"{prefix}eval-{content_fingerprint(evals, columns)}")
+    return train, evals, data_fp
 
 
 def _now() -> str:

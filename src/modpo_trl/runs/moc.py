@@ -15,12 +15,12 @@ from datasets import Dataset
 
 from ..conditioning.preference import check_preference, condition_prompt, round_preference
 from ..conditioning.svd_lora import saved_conditioning
-from ..rewards.cache import content_fingerprint, path_fingerprint
+from ..rewards.cache import path_fingerprint
 from ..rewards.sources import RewardSource
 from ..trainers.moc_config import MOCConfig
 from ..trainers.moc_trainer import OBJECTIVE, MOCTrainer, objective_pairs
 from .data import load_preference_data
-from .engine import conditioned_run, is_done, on_disk
+from .engine import conditioned_run, is_done, pairs_on_disk
 from .method import Candidate, Method, Prepared, Run, Trained, usage_notes
 from .modpo import fit
 from .recipe import Recipe, RecipeError, weight_tag
@@ -88,12 +88,7 @@ class MOC(Method):
     def prepare(self, recipe: Recipe) -> Prepared:
         train, evals, margins = _load_data(recipe)
         (train, evals), readers = margin_columns(margins, [train, evals], recipe, MOCConfig)
-        data_fp = content_fingerprint(train, COLUMNS)
-        train = on_disk(train, recipe.run_dir / ".data" / f"moc-train-{data_fp}")
-        if evals is not None:
-            evals = on_disk(
-                evals, recipe.run_dir / ".data" / f"moc-eval-{content_fingerprint(evals, COLUMNS)}"
-            )
+        train, evals, data_fp = pairs_on_disk(train, evals, recipe.run_dir, COLUMNS, "moc-")
         fingerprints = {
             "base_model": path_fingerprint(recipe.model.path),
             "train_data": data_fp,

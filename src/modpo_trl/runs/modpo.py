@@ -9,11 +9,11 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainerState
 
-from ..rewards.cache import content_fingerprint, path_fingerprint
+from ..rewards.cache import path_fingerprint
 from ..trainers.modpo_config import MODPOConfig
 from ..trainers.modpo_trainer import MODPOTrainer
 from .data import load_preference_data
-from .engine import check_finite_metrics, is_done, on_disk, work_dir
+from .engine import check_finite_metrics, is_done, pairs_on_disk, work_dir
 from .method import Candidate, Method, Prepared, Run, Trained, trainer_config
 from .models import load_policy, lora_config
 from .recipe import Recipe, weight_tag
@@ -54,12 +54,7 @@ class MODPO(Method):
         key = f"objectives[{recipe.target_index}].data"
         train, evals = load_preference_data(recipe.objectives[recipe.target_index].data, key=key)
         (train, evals), readers = margin_columns(margins, [train, evals], recipe, MODPOConfig)
-        data_fp = content_fingerprint(train, TRAIN_COLUMNS)
-        train = on_disk(train, recipe.run_dir / ".data" / f"train-{data_fp}")
-        if evals is not None:
-            evals = on_disk(
-                evals, recipe.run_dir / ".data" / f"eval-{content_fingerprint(evals, TRAIN_COLUMNS)}"
-            )
+        train, evals, data_fp = pairs_on_disk(train, evals, recipe.run_dir, TRAIN_COLUMNS, "")
         fingerprints = {
             "base_model": path_fingerprint(recipe.model.path),
             "train_data": data_fp,
