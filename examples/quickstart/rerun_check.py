@@ -236,7 +236,8 @@ CLAIMS: list[tuple[str, Decide]] = [
     ),
     ("no adapter is more relevant than the untrained model beyond noise", no_adapter_more_relevant),
     ("no candidate dominates the untrained model beyond noise", not_dominated("reference")),
-    ("the interior soups are within noise of MODPO's adapters at their weightings", soups_close_to_modpo),
+    # Dropped: "the interior soups are within noise of MODPO's adapters at their weightings" held with seeds 0
+    # and 1 and failed in a third run (3 of 6 differences resolved): the soups sit elsewhere on the same front.
 ]
 
 
