@@ -76,7 +76,9 @@ class FakeHub(BaseHTTPRequestHandler):
             )
         if "/commit/" in self.path:
             if self.fail_commits:
-                return self._reply(500, {"error": "the fake Hub is down"})
+                return self._reply(
+                    403, {"error": "no write access to this repo"}
+                )  # a 5xx would be retried with backoff
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             files = self.repos.setdefault(repo, {})
             for line in lines:
