@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from modpo_trl.conditioning.directions import angle_of, direction, render_direction
+from modpo_trl.conditioning.directions import angle_of, direction, direction_gates, render_direction
+from modpo_trl.conditioning.svd_lora import saved_conditioning
 from modpo_trl.runs.engine import Manifest
 from modpo_trl.runs.recipe import (
     DataConfig,
@@ -144,3 +145,23 @@ def test_shipped_recipes_build_a_dpa_config(name, tmp_path, monkeypatch):
         assert (lo, hi) == (-45, 45)
     heldout = {round(a, 6) for a in args.heldout_angles}
     assert heldout and not heldout & {round(angle_of(v), 6) for v in args.training_directions()}
+
+
+def test_an_adapter_conditioned_run_gives_gated_candidates(tmp_path, tokenizer):
+    recipe = tiny_recipe(
+        tmp_path,
+        tokenizer,
+        conditioning="adapter",
+        angle_range_degrees=[0, 90],
+        heldout_angles=[],
+        num_samples=3,
+        directions_per_prompt=2,
+        share_candidates=True,
+    )
+    train_recipe(recipe)
+    assert saved_conditioning(recipe.run_dir / "dpa") == "adapter"
+    candidates = candidates_of(recipe)
+    assert [c.label for c in candidates][0] == "t+0" and len(candidates) == 7
+    for c in candidates:  # the direction reaches the adapter's gates, not the prompt
+        assert c.prompt_fn is None
+        assert c.adapter_preference == pytest.approx(direction_gates(c.weights))

@@ -102,7 +102,9 @@ def test_training_writes_one_adapter_and_a_manifest_entry(tok, tmp_path, capsys)
         ("moc", "w-0.25-0.75-heldout"),
     ]
     assert all(c.adapter == str(run_dir / "moc") and c.preference == c.weights for c in candidates)
-    assert candidates[3].prompt_fn("tell me") == "Preference weights: kind=0.25, short=0.75.\ntell me"
+    # MOC's default with a LoRA: the preference gates the adapter, one block per objective; the prompt stays
+    assert (run_dir / "moc" / "preference_lora.json").is_file() and candidates[3].prompt_fn is None
+    assert candidates[3].adapter_preference == [0.25, 0.75]
     AutoModelForCausalLM.from_pretrained(str(run_dir / "moc"))  # a loadable adapter folder
 
     # the evaluation CLI, in its own process as `make moc` runs it (its module is `__main__` there)

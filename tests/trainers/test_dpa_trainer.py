@@ -582,3 +582,58 @@ def test_non_finite_reward_names_attribute_and_prompt(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------- recipes and evaluation
+
+
+def test_adapter_conditioning_gates_sampling_and_directional_dpo(tmp_path, tokenizer):
+    """`conditioning="adapter"`: the prompt stays plain, each row carries the gates of its direction, TRL's DPO runs
+    every row at its own gates for the policy and for the reference copy of the adapter (so each iteration starts
+    at log 2, as with the prompt), and the saved adapter reloads gated."""
+    from modpo_trl.conditioning.directions import direction_gates
+    from modpo_trl.conditioning.svd_lora import PreferenceLoRA, load_preference_adapter, preference
+
+    logs = Logs()
+    kwargs = dict(
+        attribute_names=NAMES,
+        conditioning="adapter",
+        num_samples=3,
+        max_new_tokens=6,
+        directions_per_prompt=2,
+        share_candidates=True,
+        angle_range_degrees=[0, 90],
+        angle_step_degrees=30,
+        heldout_angles=[],
+        beta=0.5,
+    )
+    trainer = make_trainer(tmp_path, tokenizer, [word_count, cat_count], callbacks=[logs], **kwargs)
+    trainer.train()
+    out = tmp_path / "dpa"
+    for k in (1, 2):
+        rows = read_jsonl(out / f"iter-{k}" / "data.jsonl")
+        assert all(r["conditioned_prompt"] == r["prompt"] for r in rows)  # no direction in the prompt
+        assert all(r["preference"] == direction_gates(r["direction"]) for r in rows)
+    first_steps = [line for line in logs.lines if line.get("epoch", 1) <= 0.5 and "loss" in line]
+    assert len(first_steps) == 2
+    for line in first_steps:
+        assert line["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+    adapter = out / "iter-2" / "adapter"
+    assert PreferenceLoRA.load(adapter) == PreferenceLoRA(tuple(NAMES), 0, 2)
+    model = load_preference_adapter(tiny_causal_lm(tokenizer, seed=0), adapter).eval()
+    ids = torch.tensor([tokenizer("the cat sat on the mat")["input_ids"]])
+    with torch.no_grad():
+        with preference(model, [1.0, 0.0]):
+            brevity = model(ids).logits
+        with preference(model, [0.0, 1.0]):
+            cats = model(ids).logits
+    assert not torch.allclose(brevity, cats, atol=1e-4)
+
+
+def test_adapter_conditioning_needs_dpo_and_non_negative_directions(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"conditioning='adapter' gates the adapter row by row.*update='sft'"
+    ):
+        config(tmp_path, conditioning="adapter", update="sft", angle_range_degrees=[0, 90], heldout_angles=[])
+    with pytest.raises(
+        ValueError, match=r"conditioning='both' gates the adapter by each direction's weights"
+    ):
+        config(tmp_path, conditioning="both")  # the default angles run from -45 to 45

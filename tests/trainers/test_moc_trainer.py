@@ -54,8 +54,16 @@ COMMON = dict(
     disable_tqdm=True,
     seed=0,
 )
+# MOC with the paper's settings, which most tests below were written for; the measured defaults have their own test.
+PAPER = dict(
+    conditioning="prompt",
+    preference_sampling="dirichlet",
+    preference_augmentation=1,
+    control_loss="zscore",
+    moo_solver="mgda",
+)
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-MOC_ARGS = dict(output_dir="unused", objective_names=NAMES, use_cpu=True)
+MOC_ARGS = dict(output_dir="unused", objective_names=NAMES, use_cpu=True, **PAPER)
 
 
 def preference_tokenizer() -> PreTrainedTokenizerFast:
@@ -102,7 +110,9 @@ def pairs(conversational=False, n=8):
 
 
 def make_moc(tok, tmp_path, data=None, model=None, ref_model=None, margins=None, peft=False, **kwargs):
-    args = MOCConfig(**{**COMMON, "output_dir": str(tmp_path / "moc"), "objective_names": NAMES, **kwargs})
+    args = MOCConfig(
+        **{**COMMON, **PAPER, "output_dir": str(tmp_path / "moc"), "objective_names": NAMES, **kwargs}
+    )
     return MOCTrainer(
         model=model or tiny_causal_lm(tok),
         ref_model=ref_model,
@@ -205,10 +215,9 @@ def test_one_objective_with_pairs_is_modpo_at_every_preference(tok, tmp_path):
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(ref),
         args=MOCConfig(
-            **COMMON,
+            **{**COMMON, **PAPER, "moo_solver": "linear"},
             output_dir=str(tmp_path / "m"),
             objective_names=names,
-            moo_solver="linear",
             control_weight=0,
         ),
         train_dataset=data,
@@ -357,7 +366,7 @@ def test_training_saves_one_adapter_that_takes_any_preference(tok, tmp_path, sol
         (dict(preference_augmentation=1.5), r"preference_augmentation=1.5 must be an integer >= 1"),
         (
             dict(conditioning="lora"),
-            r"conditioning='lora' is not valid; valid: \['prompt', 'adapter', 'both'\]",
+            r"conditioning='lora' is not valid; valid: \['auto', 'adapter', 'prompt', 'both'\]",
         ),
         (dict(control_loss="mse"), r"control_loss='mse' is not valid; valid: \['zscore', 'paired'\]"),
         (dict(mgda_normalization="loss"), r"mgda_normalization='loss' is not valid; valid: \['l2', 'none'\]"),
@@ -378,7 +387,7 @@ def test_training_saves_one_adapter_that_takes_any_preference(tok, tmp_path, sol
 )
 def test_config_errors_name_the_field(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        MOCConfig(**{**COMMON, "output_dir": str(tmp_path), "objective_names": NAMES, **kwargs})
+        MOCConfig(**{**COMMON, **PAPER, "output_dir": str(tmp_path), "objective_names": NAMES, **kwargs})
 
 
 def test_data_errors_name_the_problem(tok, tmp_path):
@@ -494,7 +503,13 @@ def two_objective_moc(tok, tmp_path, w, **kwargs):
         {"kind": toy_preference_dataset(4, seed=0), "safe": toy_preference_dataset(4, seed=1)}
     ).add_column("preference", [w] * 8)
     args = MOCConfig(
-        **{**COMMON, "output_dir": str(tmp_path / "m"), "objective_names": ["kind", "safe"], **kwargs}
+        **{
+            **COMMON,
+            **PAPER,
+            "output_dir": str(tmp_path / "m"),
+            "objective_names": ["kind", "safe"],
+            **kwargs,
+        }
     )
     return MOCTrainer(
         model=tiny_causal_lm(tok, seed=1),
@@ -651,3 +666,64 @@ def test_adapter_conditioning_needs_a_lora_of_sufficient_rank(tok, tmp_path):
         make_moc(tok, tmp_path, conditioning="adapter")
     with pytest.raises(ValueError, match=r"rank r=4 cannot give 3 objectives preference_rank=2 units each"):
         make_moc(tok, tmp_path, peft=True, conditioning="adapter", preference_rank=2)
+
+
+def test_adapter_conditioning_scores_each_pairs_reference_once(tok, tmp_path, monkeypatch):
+    """The copies of a pair share their tokens under adapter conditioning: the reference runs on each pair once and
+    every copy gets the log-probs the reference gives that pair."""
+    scored_rows = []
+    original = MOCTrainer.compute_ref_log_probs
+
+    def counting(self, model, inputs):
+        scored_rows.append(inputs["input_ids"].size(0) // 2)
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(MOCTrainer, "compute_ref_log_probs", counting)
+    trainer = make_moc(
+        tok,
+        tmp_path,
+        peft=True,
+        conditioning="adapter",
+        preference_rank=1,
+        preference_sampling="grid",
+        grid_steps=2,
+        preference_augmentation=3,
+        precompute_ref_log_probs=True,
+    )
+    data = trainer.train_dataset
+    assert sum(scored_rows) == len(set(data["pair_index"])) == len(data) // 3
+    batch = trainer.data_collator([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        chosen, rejected = original(
+            trainer, trainer.model, {k: v for k, v in batch.items() if "ref_" not in k}
+        )
+    assert torch.allclose(torch.tensor(data["ref_chosen_logps"]), chosen, atol=1e-4)
+    assert torch.allclose(torch.tensor(data["ref_rejected_logps"]), rejected, atol=1e-4)
+
+
+@pytest.mark.parametrize("peft", [True, False])
+def test_default_conditioning_is_the_adapter_when_one_is_trained(tok, tmp_path, peft):
+    """MOCConfig's defaults (the measured best): a LoRA adapter split into one gated block per objective, every pair
+    under 2 grid preferences with the paired control loss; a fully fine-tuned model is told w in its prompt."""
+    args = MOCConfig(output_dir=str(tmp_path / "moc"), objective_names=NAMES, use_cpu=True, report_to="none")
+    assert (args.conditioning, args.preference_rank, args.moo_solver) == ("auto", None, "linear")
+    assert (args.preference_sampling, args.preference_augmentation, args.control_loss) == (
+        "grid",
+        2,
+        "paired",
+    )
+    trainer = MOCTrainer(
+        model=tiny_causal_lm(tok),
+        ref_model=None if peft else tiny_causal_lm(tok),
+        args=args,
+        train_dataset=pairs(),
+        processing_class=tok,
+        margin_rewards={"short": n_words},
+        peft_config=LoraConfig(**{**LORA, "r": 7}) if peft else None,
+    )
+    assert trainer.args.conditioning == ("adapter" if peft else "prompt")
+    decoded = tok.decode(trainer.train_dataset[0]["prompt_ids"])
+    assert ("Preference" in decoded) != peft
+    if peft:  # r=7 over 3 objectives: 2 units each, 1 left shared
+        assert trainer.preference_layout == PreferenceLoRA(tuple(NAMES), 1, 2)
+    assert len(trainer.train_dataset) == 2 * 16

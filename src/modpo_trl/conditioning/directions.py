@@ -69,6 +69,19 @@ def direction_weights(v: Sequence[float]) -> list[int]:
     return [int(round(100 * x)) for x in unit_vector(v)]
 
 
+def direction_gates(v: Sequence[float]) -> list[float]:
+    """The preference on the simplex that gates a preference-conditioned LoRA adapter for the direction `v` (DPA's
+    `conditioning="adapter"`): the stated weights `direction_weights(v)` divided by their sum, so the gates say
+    what the prompt would. `v` must have no negative component."""
+    stated = direction_weights(v)
+    if any(w < 0 for w in stated) or sum(stated) == 0:
+        raise ValueError(
+            f"direction {list(v)} has a negative component: an adapter gated by the preference needs directions "
+            "with components >= 0 (angles in [0, 90] for 2 attributes)"
+        )
+    return [w / sum(stated) for w in stated]
+
+
 def render_direction(
     v: Sequence[float], attribute_names: Sequence[str], system_prompt: str = DEFAULT_SYSTEM_PROMPT
 ) -> str:

@@ -62,8 +62,18 @@ class PreferenceLoRA:
                 raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
 
     @classmethod
-    def for_rank(cls, objective_names: Sequence[str], rank: int, preference_rank: int) -> PreferenceLoRA:
-        """The layout of a LoRA of total `rank`: `preference_rank` units per objective, the rest shared."""
+    def for_rank(
+        cls, objective_names: Sequence[str], rank: int, preference_rank: int | None = None
+    ) -> PreferenceLoRA:
+        """The layout of a LoRA of total `rank`: `preference_rank` units per objective (None: `rank` split evenly
+        between the objectives), the rest shared."""
+        if preference_rank is None:
+            preference_rank = rank // len(objective_names)
+            if preference_rank == 0:
+                raise ValueError(
+                    f"a LoRA of rank r={rank} cannot give each of {len(objective_names)} objectives a unit; use "
+                    f"r >= {len(objective_names)}"
+                )
         shared = rank - len(objective_names) * preference_rank
         if shared < 0:
             raise ValueError(

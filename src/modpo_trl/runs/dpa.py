@@ -17,7 +17,14 @@ from typing import Any
 
 from accelerate import PartialState
 
-from ..conditioning.directions import angle_of, condition_prompt, direction_weights, unit_vector
+from ..conditioning.directions import (
+    angle_of,
+    condition_prompt,
+    direction_gates,
+    direction_weights,
+    unit_vector,
+)
+from ..conditioning.svd_lora import saved_conditioning
 from ..rewards.cache import path_fingerprint
 from ..rewards.vector import MultiObjectiveReward, StackedReward
 from ..trainers.dpa_config import DPAConfig, evaluation_angles
@@ -164,7 +171,8 @@ class DPA(Method):
 def _candidate(
     recipe: Recipe, run_dir: Path, entry: dict[str, Any], args: DPAConfig, v: Sequence[float]
 ) -> Candidate:
-    """The adapter asked for the direction `v`: its `prompt_fn` states `v` in the system prompt, as in training."""
+    """The adapter asked for the direction `v` as it was trained (its folder says how): its `prompt_fn` states `v` in
+    the system prompt, and a preference-gated adapter runs with its gates at `v` (`direction_gates`)."""
     held_out, parameter = False, None
     if args.directions is None:
         t = angle_of(v)
@@ -173,6 +181,8 @@ def _candidate(
         parameter = {"angle": t}  # the preference's own coordinate, for controllability and generalisation
     else:
         label = "v" + "_".join(str(w) for w in direction_weights(v))
+    adapter = run_dir / entry["adapter"]
+    conditioning = saved_conditioning(adapter)
     prompt_fn = functools.partial(
         condition_prompt,
         v=v,
@@ -183,11 +193,12 @@ def _candidate(
         TAG,
         label,
         weights=list(v),
-        adapter=str(run_dir / entry["adapter"]),
+        adapter=str(adapter),
         preference=list(v),
-        prompt_fn=prompt_fn,
+        prompt_fn=prompt_fn if conditioning != "adapter" else None,
         held_out=held_out,
         parameter=parameter,
+        adapter_preference=direction_gates(v) if conditioning != "prompt" else None,
     )
 
 

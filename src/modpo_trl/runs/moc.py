@@ -45,7 +45,7 @@ class MOC(Method):
         if all(objective.data is None for objective in recipe.objectives):
             raise RecipeError("method=moc needs at least one objective with `data`: the pairs it trains on")
         conditioning = recipe.training.get("conditioning", MOCConfig.conditioning)
-        if conditioning != "prompt" and not recipe.lora.enabled:
+        if conditioning not in ("prompt", "auto") and not recipe.lora.enabled:
             raise RecipeError(
                 f"training.conditioning={conditioning!r} puts the preference into the LoRA adapter, but "
                 "lora.enabled is false; enable LoRA or use training.conditioning=prompt"

@@ -8,7 +8,13 @@ import numpy as np
 from transformers import TrainingArguments
 from trl import DPOConfig, SFTConfig
 
-from ..conditioning.directions import DEFAULT_SYSTEM_PROMPT, angle_grid, direction, unit_vector
+from ..conditioning.directions import (
+    DEFAULT_SYSTEM_PROMPT,
+    angle_grid,
+    direction,
+    direction_weights,
+    unit_vector,
+)
 
 
 @dataclass
@@ -41,6 +47,13 @@ class DPAConfig(SFTConfig):
             `DPOTrainer` on the pair best vs worst response by `v . r`). The DPO reference is the policy the
             iteration starts from (the base model in iteration 1, then the previous iteration's adapter, as in
             iterative DPO), so each round moves a `beta`-controlled step from where sampling happened.
+        conditioning (`str`, *optional*, defaults to `"prompt"`):
+            How the policy is told `v`. `"prompt"`: the system prompt states it (the paper's way). `"adapter"`: the
+            LoRA adapter is gated by it, as MOC's adapter conditioning (`modpo_trl.conditioning.svd_lora`: one block
+            of `r // k` units per attribute, each scaled by the direction's stated weight divided by their sum,
+            `directions.direction_gates`), in sampling and in the update, and the prompt stays as it is. `"both"`:
+            the two at once. Gating needs `update="dpo"` and directions with no negative component; the saved
+            adapter holds `preference_lora.json` and runs with an explicit preference.
         beta (`float`, *optional*, defaults to `0.1`):
             `update="dpo"`: DPO's beta (the strength of the tie to the reference), as in [`~trl.DPOConfig`].
         min_pair_gap (`float`, *optional*, defaults to `0.0`):
@@ -103,6 +116,10 @@ class DPAConfig(SFTConfig):
     update: str = field(
         default="dpo",
         metadata={"help": "Update per iteration: 'sft' (rejection-sampling SFT) or 'dpo' (directional DPO)."},
+    )
+    conditioning: str = field(
+        default="prompt",
+        metadata={"help": "How v reaches the policy: 'prompt', 'adapter' (gated LoRA) or 'both'."},
     )
     beta: float = field(default=0.1, metadata={"help": "update='dpo': DPO's beta."})
     min_pair_gap: float = field(
@@ -175,7 +192,7 @@ class DPAConfig(SFTConfig):
 
 # Defined by DPAConfig itself (not inherited from SFTConfig): what `check_dpa_fields` covers.
 DPA_FIELDS = tuple(DPAConfig.__annotations__)
-UPDATES, REWARD_SCALES = ("sft", "dpo"), ("minmax", "raw")
+UPDATES, REWARD_SCALES, CONDITIONINGS = ("sft", "dpo"), ("minmax", "raw"), ("prompt", "adapter", "both")
 
 
 def _init_fields(cls: type) -> set[str]:
@@ -214,6 +231,13 @@ def check_dpa_fields(cfg: Any) -> None:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
     if cfg.update not in UPDATES:
         raise ValueError(f"update={cfg.update!r} is not valid; valid: {list(UPDATES)}")
+    if cfg.conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning={cfg.conditioning!r} is not valid; valid: {list(CONDITIONINGS)}")
+    if cfg.conditioning != "prompt" and cfg.update != "dpo":
+        raise ValueError(
+            f"conditioning={cfg.conditioning!r} gates the adapter row by row, which only update='dpo' does; got "
+            f"update={cfg.update!r} (valid with it: conditioning='prompt')"
+        )
     if cfg.reward_scale not in REWARD_SCALES:
         raise ValueError(f"reward_scale={cfg.reward_scale!r} is not valid; valid: {list(REWARD_SCALES)}")
     if not isinstance(cfg.share_candidates, bool):
@@ -243,7 +267,14 @@ def check_dpa_fields(cfg: Any) -> None:
         raise ValueError(
             f"directions_per_prompt={cfg.directions_per_prompt} exceeds the {len(pool)} training directions"
         )
-    evaluation_directions(cfg)
+    evaluated = evaluation_directions(cfg)
+    negative = [[round(x, 4) for x in v] for v in [*pool, *evaluated] if min(direction_weights(v)) < 0]
+    if cfg.conditioning != "prompt" and negative:
+        raise ValueError(
+            f"conditioning={cfg.conditioning!r} gates the adapter by each direction's weights, which must be >= 0, "
+            f"but the training or evaluation directions include {negative[:3]}; use angle_range_degrees (and "
+            "heldout_angles, eval_angles) within [0, 90], or conditioning='prompt'"
+        )
 
 
 def _is_number(value: Any) -> bool:

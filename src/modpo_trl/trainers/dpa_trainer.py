@@ -44,11 +44,18 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 from trl import DPOTrainer, SFTTrainer
 
-from ..conditioning.directions import angle_of, condition_prompt, direction_weights, sample_directions
+from ..conditioning.directions import (
+    angle_of,
+    condition_prompt,
+    direction_gates,
+    direction_weights,
+    sample_directions,
+)
+from ..conditioning.svd_lora import PreferenceLoRA, apply_preference, attach, preference
 from ..generation import SamplingSettings, as_response, generate_texts
 from ..rewards.vector import as_reward_vector
 from ..storage import read_jsonl, write_jsonl
@@ -57,6 +64,7 @@ from .logs import keep_logs
 
 DATA_FILE, ADAPTER_DIR, SFT_METRICS = "data.jsonl", "adapter", "dpa_iteration.json"
 REF_ADAPTER = "ref"  # the frozen copy of the starting adapter TRL's DPOTrainer adds as the reference
+PREFERENCE = "preference"  # a row's adapter gates (`conditioning="adapter"`)
 
 
 def stated_scale(scores: torch.Tensor, reward_scale: str) -> torch.Tensor | None:
@@ -153,6 +161,15 @@ class DPATrainer:
         if args.update == "dpo":
             args.dpo_config()  # a bad dpo_kwargs value fails here, before anything is generated
         self.args, self.peft_config, self.callbacks = args, peft_config, callbacks
+        # Adapter conditioning: one block of the LoRA's units per attribute, gated by the direction.
+        self.layout = None
+        if args.conditioning != "prompt":
+            if not isinstance(peft_config, LoraConfig) or peft_config.use_dora or peft_config.rank_pattern:
+                raise ValueError(
+                    f"conditioning={args.conditioning!r} gates a LoRA adapter by the direction: peft_config must be "
+                    f"a LoraConfig with one rank and no DoRA, got {type(peft_config).__name__}"
+                )
+            self.layout = PreferenceLoRA.for_rank(args.attribute_names, peft_config.r)
         self.prompts = _prompt_list(train_dataset)
         self.directions = args.training_directions()
         self.processing_class = processing_class
@@ -217,8 +234,9 @@ class DPATrainer:
         prompts = [self.prompts[i] for i in indices]
         picks = sample_directions(len(prompts), self.directions, seed=[args.seed, k], per_item=m)
         directions = [[self.directions[d] for d in row] for row in picks]  # (P, M) unit vectors
+        in_prompt = args.conditioning != "adapter"
         conditioned = [
-            [condition_prompt(p, v, names, args.system_prompt) for v in vs]
+            [condition_prompt(p, v, names, args.system_prompt) if in_prompt else p for v in vs]
             for p, vs in zip(prompts, directions, strict=True)
         ]
         settings = SamplingSettings(
@@ -230,12 +248,11 @@ class DPATrainer:
             seed=args.seed + 1_000_003 * k,  # a different noise stream per iteration
         )
         self.model.eval()  # no dropout while sampling (training leaves the model in train mode)
-        texts = generate_texts(
-            self.model,
-            self.processing_class,
+        texts = self._sample(
             [c for row in conditioned for c in row for _ in range(n)],
+            [v for vs in directions for v in vs for _ in range(n)],
             settings,
-            desc=f"DPA iteration {k}: sampling {n} x {m} x {len(prompts)}",
+            f"DPA iteration {k}: sampling {n} x {m} x {len(prompts)}",
         )
         repeated = [p for p in prompts for _ in range(m * n)]
         responses = [as_response(p, t) for p, t in zip(repeated, texts, strict=True)]
@@ -264,6 +281,7 @@ class DPATrainer:
                         "angle": round(angle_of(v), 6) if len(v) == 2 else None,
                         "weights": stated[d],
                         "conditioned_prompt": conditioned[j][d],
+                        PREFERENCE: direction_gates(v) if self.layout is not None else None,
                         "candidates": texts[j, own].reshape(-1).tolist(),
                         "sampled_under": [stated[e] for e in range(m)[own] for _ in range(n)],
                         "scores": raw[j, own].reshape(-1, len(names)).tolist(),
@@ -275,6 +293,21 @@ class DPATrainer:
                     }
                 )
         return rows
+
+    def _sample(self, prompts: list, directions: list, settings: SamplingSettings, desc: str) -> list[str]:
+        """One response per prompt; a gated policy answers each direction's prompts with its gates set to it."""
+        if self.layout is None or not is_peft_model(self.model):  # iteration 1 samples from the base model
+            return generate_texts(self.model, self.processing_class, prompts, settings, desc=desc)
+        texts: list[str] = [""] * len(prompts)
+        for v in dict.fromkeys(tuple(v) for v in directions):
+            rows = [i for i, u in enumerate(directions) if tuple(u) == v]
+            with preference(self.model, direction_gates(v)):
+                answers = generate_texts(
+                    self.model, self.processing_class, [prompts[i] for i in rows], settings, desc=desc
+                )
+            for i, text in zip(rows, answers, strict=True):
+                texts[i] = text
+        return texts
 
     def _score(self, prompts: list, responses: list) -> torch.Tensor:
         names = self.args.attribute_names
@@ -302,6 +335,8 @@ class DPATrainer:
         adapter = self.iteration_dir(k) / ADAPTER_DIR
         _log(f"DPA: continuing from {adapter}")
         self.model = PeftModel.from_pretrained(self.model, str(adapter), is_trainable=True)
+        if self.layout is not None:
+            attach(self.model, self.layout)
         self._policy_iteration = k
 
     def _fine_tune(self, k: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,7 +361,7 @@ class DPATrainer:
             data = dpo_dataset(rows, self.args.min_pair_gap)
             # A PeftModel (iteration 2 on) makes TRL add a frozen copy of its adapter as the reference: pi_{k-1}.
             # Iteration 1 gets a new adapter, whose reference is the base model (adapter disabled).
-            trainer = DPOTrainer(
+            trainer = (GatedDPOTrainer if self.layout is not None else DPOTrainer)(
                 model=self.model,
                 args=self.args.dpo_config(output_dir=str(work), run_name=run_name),
                 train_dataset=data,
@@ -334,6 +369,9 @@ class DPATrainer:
                 peft_config=peft_config,
                 callbacks=self.callbacks,
             )
+        if self.layout is not None:  # the policy's adapter and TRL's reference copy of it, gated alike
+            for name in trainer.model.peft_config:
+                attach(trainer.model, self.layout, name)
         output = trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.model)
         if REF_ADAPTER in getattr(model, "peft_config", {}):
@@ -344,6 +382,8 @@ class DPATrainer:
             shutil.rmtree(partial)
         state.wait_for_everyone()
         trainer.save_model(str(partial))  # every process: sharded weights are gathered
+        if self.layout is not None and state.is_main_process:
+            self.layout.save(partial, prompt=self.args.conditioning == "both")
         metrics = {
             "update": self.args.update,
             "train_loss": output.training_loss,
@@ -397,13 +437,14 @@ def dpo_dataset(rows: Sequence[dict[str, Any]], min_gap: float = 0.0) -> Dataset
     for row in rows:
         if row["gap"] > 0 and row["gap"] >= min_gap:
             prompt, candidates = row["conditioned_prompt"], row["candidates"]
-            examples.append(
-                {
-                    "prompt": prompt,
-                    "chosen": _completion(prompt, candidates[row["chosen"]]),
-                    "rejected": _completion(prompt, candidates[row["rejected"]]),
-                }
-            )
+            example = {
+                "prompt": prompt,
+                "chosen": _completion(prompt, candidates[row["chosen"]]),
+                "rejected": _completion(prompt, candidates[row["rejected"]]),
+            }
+            if row.get(PREFERENCE) is not None:  # the adapter's gates for the row (`conditioning="adapter"`)
+                example[PREFERENCE] = row[PREFERENCE]
+            examples.append(example)
     if not examples:
         largest = max((row["gap"] for row in rows), default=0.0)
         raise ValueError(
@@ -413,6 +454,37 @@ def dpo_dataset(rows: Sequence[dict[str, Any]], min_gap: float = 0.0) -> Dataset
             "reused"
         )
     return Dataset.from_list(examples)
+
+
+class GatedDPOTrainer(DPOTrainer):
+    """TRL's DPO, with every row run at its own preference (its `preference` column) by a preference-gated
+    adapter (`modpo_trl.conditioning.svd_lora`): the gates of the policy and of TRL's reference copy of its adapter
+    are set row by row for each forward pass."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        collate = self.data_collator
+
+        def with_preference(examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = collate(examples)
+            batch[PREFERENCE] = torch.tensor([e[PREFERENCE] for e in examples], dtype=torch.float32)
+            return batch
+
+        self.data_collator = with_preference
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if PREFERENCE not in self._signature_columns:
+            self._signature_columns.append(PREFERENCE)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        w = inputs.pop(PREFERENCE)
+        apply_preference(model, torch.cat([w, w]))  # TRL runs [chosen; rejected] as one batch
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:  # a forward outside a step must not run at a batch's preferences
+            apply_preference(model, None)
 
 
 def _completion(prompt: str | list, text: str) -> str | list[dict[str, str]]:

@@ -26,7 +26,7 @@ PAIR_LOSS_TYPES = (
 )
 MOO_SOLVERS = ("weighted_mgda", "mgda", "linear")
 MGDA_NORMALIZATIONS = ("l2", "none")
-CONDITIONINGS = ("prompt", "adapter", "both")
+CONDITIONINGS = ("auto", "adapter", "prompt", "both")
 CONTROL_LOSSES = ("zscore", "paired")
 
 
@@ -36,9 +36,13 @@ class MOCConfig(DPOConfig):
     Configuration class for the [`MOCTrainer`]: every [`~trl.DPOConfig`] field plus the ones below.
 
     MOC (after "One Model for All: Multi-Objective Controllable Language Models") trains ONE policy conditioned on
-    a preference `w` over the objectives, so that a single adapter covers the whole front. `w` enters the model as
-    prompt text (`modpo_trl.conditioning.preference.condition_prompt`, the paper's way), inside the LoRA adapter
-    (`modpo_trl.conditioning.svd_lora`, Panacea's way), or both. Here it is RL-free: every pair carries one
+    a preference `w` over the objectives, so that a single adapter covers the whole front. `w` enters the model
+    inside the LoRA adapter (`modpo_trl.conditioning.svd_lora`, Panacea's way), as prompt text
+    (`modpo_trl.conditioning.preference.condition_prompt`, the paper's way), or both. The defaults are the settings
+    measured best on the offline quickstart (docs/moc.md): the adapter split into one gated block per objective,
+    every pair under 2 grid preferences, the paired control loss and the linear combination; the paper's are
+    `conditioning="prompt"`, `preference_sampling="dirichlet"`, `preference_augmentation=1`, `control_loss="zscore"`,
+    `moo_solver="mgda"`. Here it is RL-free: every pair carries one
     objective's label and is trained with a DPO loss under its example's `w`; objectives without pairs enter
     through their frozen reward as MODPO's margin.
 
@@ -57,27 +61,31 @@ class MOCConfig(DPOConfig):
         objective_names (`list[str]`):
             One name per objective, in the order of the preference vector `w`. Every objective needs pairs (rows of
             `train_dataset` whose `objective` column names it) or a margin reward (`margin_rewards[name]`).
-        conditioning (`str`, *optional*, defaults to `"prompt"`):
-            How the model is told `w`. `"prompt"`: a line in the prompt ("Preference weights: relevance=0.70,
-            brevity=0.30.", the MOC paper's way). `"adapter"`: the LoRA adapter's bottleneck is gated by `w`
-            (Panacea's SVD-LoRA: `r - n * preference_rank` shared units, `preference_rank` units per objective scaled
-            by its weight; `modpo_trl.conditioning.svd_lora`); the prompt stays as it is. `"both"`: the two at
-            once. Adapter conditioning needs a LoRA `peft_config` (or a LoRA `PeftModel`); the saved adapter folder
-            then holds `preference_lora.json`, and runs only with an explicit `w`
-            (`svd_lora.load_preference_adapter`, `svd_lora.apply_preference`).
-        preference_rank (`int`, *optional*, defaults to `2`):
+        conditioning (`str`, *optional*, defaults to `"auto"`):
+            How the model is told `w`. `"adapter"`: the LoRA adapter's bottleneck is gated by `w` (Panacea's
+            SVD-LoRA: `r - n * preference_rank` shared units, `preference_rank` units per objective scaled by its
+            weight; `modpo_trl.conditioning.svd_lora`); the prompt stays as it is. `"prompt"`: a line in the prompt
+            ("Preference weights: relevance=0.70, brevity=0.30.", the MOC paper's way). `"both"`: the two at once.
+            `"auto"`: `"adapter"` when a LoRA adapter is trained (`peft_config=LoraConfig(...)` or a LoRA
+            `PeftModel`), else `"prompt"` (a fully fine-tuned model has no adapter to gate); the trainer writes the
+            resolved value back into `args.conditioning`. Under adapter conditioning the saved adapter folder holds
+            `preference_lora.json`, and runs only with an explicit `w` (`svd_lora.load_preference_adapter`,
+            `svd_lora.apply_preference`).
+        preference_rank (`int`, *optional*):
             LoRA units per objective under adapter conditioning (Panacea uses 1); the LoRA rank `r` must be at least
-            `n * preference_rank`, the rest are shared.
-        preference_sampling (`str`, *optional*, defaults to `"dirichlet"`):
+            `n * preference_rank`, the rest are shared. Defaults to `r // n`: each objective its own block, no
+            shared units, so that `w = e_k` runs objective k's block alone (measured: with half the units shared,
+            the blocks moved the answers too little to follow `w`).
+        preference_sampling (`str`, *optional*, defaults to `"grid"`):
             How each example's `w` is drawn, once, when the data set is prepared (seeded by `seed`; an example keeps
             its `w` every epoch, which is what lets reference log-probs be precomputed): `"dirichlet"` draws from
             `Dirichlet(dirichlet_alpha)`, `"grid"` uniformly from the points of a simplex grid with `grid_steps`
             steps (vertices included). Draws are rounded to 2 decimals (the precision of the rendered preference).
         dirichlet_alpha (`float`, *optional*, defaults to `1.0`):
             Concentration: 1 is uniform on the simplex, < 1 favours the vertices, > 1 the centre.
-        grid_steps (`int`, *optional*, defaults to `10`):
+        grid_steps (`int`, *optional*, defaults to `4`):
             Grid resolution for `"grid"` (entries in {0, 1/steps, ..., 1}; steps dividing 100 keep points exact).
-        preference_augmentation (`int`, *optional*, defaults to `1`):
+        preference_augmentation (`int`, *optional*, defaults to `2`):
             Copies of every pair, each under its own preference (`"grid"`: distinct grid points, so with as many
             copies as grid points every pair is seen at every point, the vertices included). The copies of a pair
             are kept in the same batch (in order, shuffled by pair), which is what `control_loss="paired"` compares.
@@ -87,7 +95,7 @@ class MOCConfig(DPOConfig):
             draws within L1 distance `heldout_radius` of one are drawn again.
         heldout_radius (`float`, *optional*, defaults to `0.05`):
             L1 radius of the held-out neighbourhoods for `"dirichlet"`.
-        moo_solver (`str`, *optional*, defaults to `"mgda"`):
+        moo_solver (`str`, *optional*, defaults to `"linear"`):
             How the per-objective losses `L_i` and the control loss `control_weight * C` are combined each step.
             `"linear"`: the conditioned-MODPO baseline, `alpha_i` = objective i's share of the batch's pair weight,
             plus `control_weight * C`. `"mgda"` (MOC's min-norm solver "at the policy level", the paper's): the
@@ -111,7 +119,7 @@ class MOCConfig(DPOConfig):
             (`modpo_trl.trainers.mgda.descent_coefficients`), so the update direction does not depend on the losses' scales
             (`C` is scale-free and its gradient is large while the achieved rewards barely differ, early in
             training). `"none"`: plain MGDA, where the loss with the smallest gradient takes most of the weight.
-        control_loss (`str`, *optional*, defaults to `"zscore"`):
+        control_loss (`str`, *optional*, defaults to `"paired"`):
             The controllability loss `C`, which asks each objective's achieved implicit reward margin `m_b` (on its
             own pairs; for an objective with only a reward, on every pair, oriented by the sign of `dr_j`) to rise
             with that objective's weight. `"zscore"` (MOC's MSE between achieved rewards and the preference): the
@@ -149,21 +157,26 @@ class MOCConfig(DPOConfig):
         default=None, metadata={"help": "Names of the objectives, in the order of the preference vector."}
     )
     conditioning: str = field(
-        default="prompt",
-        metadata={"help": "How w enters the model: 'prompt', 'adapter' (SVD-LoRA) or 'both'."},
+        default="auto",
+        metadata={
+            "help": "How w enters the model: 'adapter' (SVD-LoRA), 'prompt', 'both', or 'auto' (adapter with LoRA)."
+        },
     )
-    preference_rank: int = field(
-        default=2, metadata={"help": "LoRA units per objective under adapter conditioning."}
+    preference_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA units per objective under adapter conditioning (default: r // n, none shared)."
+        },
     )
     preference_sampling: str = field(
-        default="dirichlet", metadata={"help": "How training preferences are drawn: 'dirichlet' or 'grid'."}
+        default="grid", metadata={"help": "How training preferences are drawn: 'grid' or 'dirichlet'."}
     )
     dirichlet_alpha: float = field(default=1.0, metadata={"help": "Dirichlet concentration (1: uniform)."})
     grid_steps: int = field(
-        default=10, metadata={"help": "Steps of the simplex grid for preference_sampling='grid'."}
+        default=4, metadata={"help": "Steps of the simplex grid for preference_sampling='grid'."}
     )
     preference_augmentation: int = field(
-        default=1, metadata={"help": "Copies of every pair, each under its own preference."}
+        default=2, metadata={"help": "Copies of every pair, each under its own preference."}
     )
     heldout_preferences: list[list[float]] | None = field(
         default=None, metadata={"help": "Preferences never trained on (generalisation is measured on them)."}
@@ -172,11 +185,11 @@ class MOCConfig(DPOConfig):
         default=0.05, metadata={"help": "L1 radius around held-out preferences that Dirichlet draws avoid."}
     )
     moo_solver: str = field(
-        default="mgda",
-        metadata={"help": "How losses are combined: 'weighted_mgda', 'mgda' or 'linear'."},
+        default="linear",
+        metadata={"help": "How losses are combined: 'linear', 'weighted_mgda' or 'mgda'."},
     )
     control_loss: str = field(
-        default="zscore", metadata={"help": "Controllability loss: 'zscore' (across pairs) or 'paired'."}
+        default="paired", metadata={"help": "Controllability loss: 'paired' (copies of a pair) or 'zscore'."}
     )
     control_weight: float = field(default=1.0, metadata={"help": "Weight of the controllability loss."})
     mgda_normalization: str = field(
@@ -229,6 +242,8 @@ class MOCConfig(DPOConfig):
         _check_number("mgda_tol", self.mgda_tol, strict=True)
         for name in ("grid_steps", "mgda_max_iter", "preference_rank", "preference_augmentation"):
             value = getattr(self, name)
+            if name == "preference_rank" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
         self.heldout_preferences = [

@@ -123,6 +123,8 @@ class MOCTrainer(DPOTrainer):
         self._has_pairs = torch.tensor([n not in margin_rewards for n in names])
         # Adapter conditioning: the layout is checked before anything expensive (scoring, reference log-probs).
         self.preference_layout = None
+        if args.conditioning == "auto":  # resolved once, so that every later reader sees what was trained
+            args.conditioning = "adapter" if _is_lora(model, peft_config) else "prompt"
         if args.conditioning != "prompt":
             rank = _lora_rank(model, peft_config, args.conditioning)
             self.preference_layout = PreferenceLoRA.for_rank(names, rank, args.preference_rank)
@@ -248,6 +250,24 @@ class MOCTrainer(DPOTrainer):
             k: v for k, v in without_margins(inputs).items() if k not in (PREFERENCE, OBJECTIVE_ID, PAIR)
         }
         return super().compute_ref_log_probs(model, model_inputs)
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        # Under adapter conditioning the copies of a pair (preference_augmentation) have the same tokens, since w is
+        # not in the prompt, and the reference never runs the adapter: each pair is scored once.
+        if self.args.conditioning != "adapter" or not isinstance(dataset, Dataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        pair_ids = dataset[PAIR]
+        first_row = {}
+        for row, pair in enumerate(pair_ids):
+            first_row.setdefault(pair, row)
+        if len(first_row) == len(dataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        scored = super()._precompute_ref_logps(dataset.select(list(first_row.values())), name, batch_size)
+        position = {pair: i for i, pair in enumerate(first_row)}
+        for column in ("ref_chosen_logps", "ref_rejected_logps"):
+            values = scored[column]
+            dataset = dataset.add_column(column, [values[position[pair]] for pair in pair_ids])
+        return dataset
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.preference_augmentation == 1:
@@ -649,6 +669,13 @@ def _check_dataset(dataset: Any, field_name: str, columns: tuple[str, ...] = REQ
         )
     if len(dataset) == 0:
         raise ValueError(f"{field_name} is empty: it needs at least one (prompt, chosen, rejected) row")
+
+
+def _is_lora(model: Any, peft_config: Any) -> bool:
+    """Whether the policy is trained as a LoRA adapter (given as `peft_config`, or a LoRA `PeftModel`)."""
+    if peft_config is not None:
+        return isinstance(peft_config, LoraConfig)
+    return isinstance(model, PeftModel) and isinstance(model.peft_config[_active_adapter(model)], LoraConfig)
 
 
 def _lora_rank(model: Any, peft_config: Any, conditioning: str) -> int:
