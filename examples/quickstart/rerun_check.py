@@ -124,11 +124,12 @@ def not_dominated(method: str) -> Callable[[Run], tuple[bool, str]]:
     return claim
 
 
-def hypervolume_within_noise(other: str) -> Callable[[Run], tuple[bool, str]]:
+def hypervolume_not_above(other: str) -> Callable[[Run], tuple[bool, str]]:
+    """MODPO's front is not larger than `other`'s beyond noise (within noise, or smaller)."""
+
     def claim(run: Run) -> tuple[bool, str]:
-        _, evidence = hypervolume_above(other)(run)
-        d = next(d for d in run.pareto["hypervolume_difference"] if d["second"] == other)
-        return not d["resolved"], evidence
+        above, evidence = hypervolume_above(other)(run)
+        return not above, evidence
 
     return claim
 
@@ -231,13 +232,17 @@ CLAIMS: list[tuple[str, Decide]] = [
     ("no neighbouring weightings are in the wrong order beyond noise", no_resolved_inversion),
     ("MODPO's front has a larger hypervolume than the untrained model", hypervolume_above("reference")),
     (
-        "MODPO's and Rewarded Soups' hypervolumes are within noise of each other",
-        hypervolume_within_noise("rewarded_soups"),
+        "MODPO's front is not larger than Rewarded Soups' beyond noise",
+        hypervolume_not_above("rewarded_soups"),
     ),
+    ("MODPO's front is not larger than MOD's beyond noise", hypervolume_not_above("mod")),
     ("no adapter is more relevant than the untrained model beyond noise", no_adapter_more_relevant),
     ("no candidate dominates the untrained model beyond noise", not_dominated("reference")),
     # Dropped: "the interior soups are within noise of MODPO's adapters at their weightings" held with seeds 0
     # and 1 and failed in a third run (3 of 6 differences resolved): the soups sit elsewhere on the same front.
+    # Weakened: "MODPO's and Rewarded Soups' hypervolumes are within noise of each other" held with seeds 0 and 1
+    # of the five-weighting sweep and with seed 0 of the four-weighting one; with seed 1 the soups' front is
+    # larger (-0.0082 [-0.0143, -0.0026]).
 ]
 
 
