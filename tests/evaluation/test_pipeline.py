@@ -728,6 +728,7 @@ def test_compare_puts_another_runs_results_in_the_same_report(sweep, monkeypatch
         )
     assert set(report["pareto"]["generalization"]) == {"moc"}
     assert any("eval.compare[1]" in n and "evaluate that run first" in n for n in report["notes"])
+
     rows = (other / "eval" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + len(keys) and rows[0].startswith("run,method,label")
     print_report(report)
@@ -739,6 +740,19 @@ def test_compare_puts_another_runs_results_in_the_same_report(sweep, monkeypatch
         fake["w-0.50-0.50"]["scores"]["length"]["mean"] - report["candidates"][0]["scores"]["length"]["mean"]
     )
     assert "modpo" in report["pareto"]["neighbours"]
+
+    # another run of the same method, with the same labels (an ablation variant): kept, under its run's name
+    variant = sweep.parent / "moc_variant"
+    shutil.copytree(other, variant)
+    (variant / "eval" / "results.json").write_text(
+        (other / "eval" / "results.json").read_text().replace('"moc_run"', '"moc_variant"')
+    )
+    with_variant = evaluate_sweep(other, [*args[:2], f"eval.compare=[{sweep}, {variant}]"])
+    variants = [c["label"] for c in with_variant["candidates"] if c["method"] == "moc_variant/moc"]
+    assert (
+        variants == ["w-1.0", "w-0.5", "w-0.7"] and "moc_variant/moc" in with_variant["pareto"]["hypervolume"]
+    )
+    assert [c["method"] for c in with_variant["candidates"]].count("reference") == 1
 
     # results without per-prompt scores (an older version's) cannot be paired: not compared, and the note says so
     path = sweep / "eval" / "results.json"

@@ -30,7 +30,8 @@ def compared_results(
     """The finished candidates of the runs in `eval.compare` (their eval/results.json), for one report with this
     run's; notes on runs that cannot be compared: other objectives, prompts or sampling distribution (the
     batch size, seed and backend only pick other samples of it). A compared method that this run also has (another MODPO
-    sweep, say) is renamed `<run_name>/<method>`; a candidate this run has too (the reference) is taken once."""
+    sweep, say) is renamed `<run_name>/<method>`, whatever its labels; the reference (the same untrained model on the
+    same prompts) is taken once."""
     own_methods, own_keys = {r["method"] for r in own}, {(r["method"], r["label"]) for r in own}
     sampling = ["max_new_tokens", "do_sample"] + (["temperature", "top_p"] if generation["do_sample"] else [])
     rows, notes = [], []
@@ -64,7 +65,7 @@ def compared_results(
             )
             continue
         for r in rows_of_run:
-            if (r["method"], r["label"]) in own_keys:
+            if r["method"] == "reference" and (r["method"], r["label"]) in own_keys:
                 continue
             method = r["method"] if r["method"] not in own_methods else f"{other['run_name']}/{r['method']}"
             rows.append({**r, "method": method, "run": other["run_name"]})
