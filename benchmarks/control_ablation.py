@@ -138,6 +138,10 @@ def report(
         "what": f"{method.upper()} variants on the offline quickstart (relevance vs brevity, SmolLM2-135M, 2 CPU "
         "cores), in one report with the MODPO sweep",
         "label": note,
+        "command": f"python benchmarks/control_ablation.py report {method} --main {main} --variants "
+        f"{' '.join(variants)} --modpo {modpo} (each variant: run {method} NAME overrides)",
+        "date": time.strftime("%Y-%m-%d"),
+        "source": f"outputs/{main}/eval/results.json (one report: the variants and the MODPO sweep)",
         "recipe": recipe(method),
         "targets": {
             "kendall_tau": target_tau,
