@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -265,3 +265,27 @@ def fixed_preference_adapter(folder: str | Path, w: Sequence[float], out: str | 
     save_file(scaled, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text((Path(folder) / ADAPTER_CONFIG).read_text())
     return out
+
+
+def gated_lora_rank(model: Any, peft_config: Any, conditioning: str) -> int:
+    """The rank of the LoRA adapter that adapter conditioning gates (from `peft_config`, or a `PeftModel`)."""
+    config = peft_config
+    if config is None and isinstance(model, PeftModel):
+        config = model.peft_config[active_adapter(model)]
+    if not isinstance(config, LoraConfig):
+        raise ValueError(
+            f"conditioning={conditioning!r} gates a LoRA adapter by the preference: pass peft_config=LoraConfig(...) "
+            f"or a LoRA PeftModel (got peft_config={type(peft_config).__name__}, model={type(model).__name__}), or "
+            "set conditioning='prompt' to tell a fully fine-tuned model w in its prompt"
+        )
+    if config.use_dora or config.rank_pattern:
+        raise ValueError(
+            f"conditioning={conditioning!r} needs one LoRA rank for every layer and no DoRA, got "
+            f"use_dora={config.use_dora}, rank_pattern={config.rank_pattern}"
+        )
+    return config.r
+
+
+def active_adapter(model: Any) -> str:
+    adapter = getattr(model, "active_adapter", "default")
+    return adapter if isinstance(adapter, str) else adapter[0]

@@ -44,7 +44,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import DPOTrainer, SFTTrainer
 
@@ -55,7 +55,7 @@ from ..conditioning.directions import (
     direction_weights,
     sample_directions,
 )
-from ..conditioning.svd_lora import PreferenceLoRA, apply_preference, attach, preference
+from ..conditioning.svd_lora import PreferenceLoRA, apply_preference, attach, gated_lora_rank, preference
 from ..generation import SamplingSettings, as_response, generate_texts
 from ..rewards.vector import as_reward_vector
 from ..storage import read_jsonl, write_jsonl
@@ -164,12 +164,8 @@ class DPATrainer:
         # Adapter conditioning: one block of the LoRA's units per attribute, gated by the direction.
         self.layout = None
         if args.conditioning != "prompt":
-            if not isinstance(peft_config, LoraConfig) or peft_config.use_dora or peft_config.rank_pattern:
-                raise ValueError(
-                    f"conditioning={args.conditioning!r} gates a LoRA adapter by the direction: peft_config must be "
-                    f"a LoraConfig with one rank and no DoRA, got {type(peft_config).__name__}"
-                )
-            self.layout = PreferenceLoRA.for_rank(args.attribute_names, peft_config.r)
+            rank = gated_lora_rank(None, peft_config, args.conditioning)
+            self.layout = PreferenceLoRA.for_rank(args.attribute_names, rank)
         self.prompts = _prompt_list(train_dataset)
         self.directions = args.training_directions()
         self.processing_class = processing_class

@@ -16,7 +16,7 @@ from torch.utils.data import Sampler
 from trl import DPOTrainer
 
 from ..conditioning.preference import check_preference, condition_prompt, sample_preferences
-from ..conditioning.svd_lora import PreferenceLoRA, apply_preference, attach
+from ..conditioning.svd_lora import PreferenceLoRA, active_adapter, apply_preference, attach, gated_lora_rank
 from ..rewards.sources import RewardSource, as_reward_source
 from .margins import (
     MARGIN_COLUMNS,
@@ -126,7 +126,7 @@ class MOCTrainer(DPOTrainer):
         if args.conditioning == "auto":  # resolved once, so that every later reader sees what was trained
             args.conditioning = "adapter" if _is_lora(model, peft_config) else "prompt"
         if args.conditioning != "prompt":
-            rank = _lora_rank(model, peft_config, args.conditioning)
+            rank = gated_lora_rank(model, peft_config, args.conditioning)
             self.preference_layout = PreferenceLoRA.for_rank(names, rank, args.preference_rank)
 
         train_dataset = self._prepare_preferences(train_dataset, "train_dataset", args, args.seed)
@@ -154,7 +154,7 @@ class MOCTrainer(DPOTrainer):
         )
         self.data_collator = PreferenceCollator(MarginCollator(self.data_collator))
         if self.preference_layout is not None:
-            attach(self.model, self.preference_layout, _active_adapter(self.model))
+            attach(self.model, self.preference_layout, active_adapter(self.model))
 
     # ------------------------------------------------------------------------------------------------ data
     def _prepare_preferences(
@@ -675,28 +675,4 @@ def _is_lora(model: Any, peft_config: Any) -> bool:
     """Whether the policy is trained as a LoRA adapter (given as `peft_config`, or a LoRA `PeftModel`)."""
     if peft_config is not None:
         return isinstance(peft_config, LoraConfig)
-    return isinstance(model, PeftModel) and isinstance(model.peft_config[_active_adapter(model)], LoraConfig)
-
-
-def _lora_rank(model: Any, peft_config: Any, conditioning: str) -> int:
-    """The rank of the LoRA adapter that adapter conditioning gates (from `peft_config`, or a `PeftModel`)."""
-    config = peft_config
-    if config is None and isinstance(model, PeftModel):
-        config = model.peft_config[_active_adapter(model)]
-    if not isinstance(config, LoraConfig):
-        raise ValueError(
-            f"conditioning={conditioning!r} gates a LoRA adapter by the preference: pass peft_config=LoraConfig(...) "
-            f"or a LoRA PeftModel (got peft_config={type(peft_config).__name__}, model={type(model).__name__}), or "
-            "set conditioning='prompt' to tell a fully fine-tuned model w in its prompt"
-        )
-    if config.use_dora or config.rank_pattern:
-        raise ValueError(
-            f"conditioning={conditioning!r} needs one LoRA rank for every layer and no DoRA, got "
-            f"use_dora={config.use_dora}, rank_pattern={config.rank_pattern}"
-        )
-    return config.r
-
-
-def _active_adapter(model: Any) -> str:
-    adapter = getattr(model, "active_adapter", "default")
-    return adapter if isinstance(adapter, str) else adapter[0]
+    return isinstance(model, PeftModel) and isinstance(model.peft_config[active_adapter(model)], LoraConfig)
