@@ -152,7 +152,6 @@ def pareto_report(
             },
         },
         "controllability": {},
-        "controllability_against": {},
         "neighbours": {},
         "generalization": {},
     }
@@ -176,23 +175,21 @@ def pareto_report(
                     "resolved": bool(resolved(lo[k], hi[k])),
                 }
     for method, rows in sets.items():
-        # A preference's own coordinates (DPA's angle) when every candidate has them, else its weights.
+        # Controllability: each objective's score against the weight requested for it (DPA: v's component), so a
+        # model that follows its preference has positive tau on every objective, whatever the angle range.
+        weights = [ok[i]["weights"] for i in rows]
+        if len(rows) >= 2 and all(w is not None and len(w) == len(names) for w in weights):
+            requested = np.array(weights, dtype=float)
+            labels = [ok[i]["label"] for i in rows]
+            report["controllability"][method] = boot.controllability(rows, requested, names)
+            report["neighbours"][method] = boot.neighbours(rows, requested, labels, names)
+        # Generalisation: interpolated over the preference's own coordinates (DPA's angle: v = (cos t, sin t)
+        # folds +t and -t together in cos t) when every candidate has them, else over its weights.
         parameters = [ok[i].get("parameter") for i in rows]
         by_parameter = all(parameters) and len({tuple(p) for p in parameters}) == 1
         coordinates = [
-            list(p.values()) if by_parameter else ok[i]["weights"]
-            for p, i in zip(parameters, rows, strict=True)
+            list(p.values()) if by_parameter else w for p, w in zip(parameters, weights, strict=True)
         ]
-        against = " / ".join(parameters[0]) if by_parameter else "requested weight"
-        if len(rows) >= 2 and all(c is not None for c in coordinates):
-            requested = np.array(coordinates, dtype=float)
-            if by_parameter and requested.shape[1] == 1:  # one parameter: every objective's score against it
-                requested = np.repeat(requested, len(names), axis=1)
-            if requested.shape[1] == len(names):
-                labels = [ok[i]["label"] for i in rows]
-                report["controllability"][method] = boot.controllability(rows, requested, names)
-                report["controllability_against"][method] = against
-                report["neighbours"][method] = boot.neighbours(rows, requested, labels, names)
         trained = [(c, i) for c, i in zip(coordinates, rows, strict=True) if not ok[i].get("held_out")]
         heldout = [(c, i) for c, i in zip(coordinates, rows, strict=True) if ok[i].get("held_out")]
         if heldout and len(trained) >= 2:
@@ -206,7 +203,7 @@ def pareto_report(
             )
             for (_, i), entry in zip(heldout, result["per_preference"], strict=True):
                 entry.update(label=ok[i]["label"], weights=ok[i]["weights"], parameter=ok[i].get("parameter"))
-            result["interpolated_over"] = against if by_parameter else "weights"
+            result["interpolated_over"] = " / ".join(parameters[0]) if by_parameter else "weights"
             report["generalization"][method] = result
     return report
 
@@ -390,8 +387,9 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{_interval(v['kendall_tau_ci'], '+.2f')}"
                 for n, v in per_objective.items()
             )
-            against = pareto.get("controllability_against", {}).get(method, "requested weight")
-            print(f"controllability of {method} (Spearman / Kendall, {against} vs score, {level}): {ranks}")
+            print(
+                f"controllability of {method} (Spearman / Kendall, requested weight vs score, {level}): {ranks}"
+            )
         for method, per_objective in pareto["neighbours"].items():
             print(f"neighbouring weightings of {method} (more weight minus less, {level} paired interval):")
             for name, pairs in per_objective.items():

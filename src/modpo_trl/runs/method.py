@@ -82,8 +82,8 @@ class Candidate:
     extreme: str | None = None  # the objective this MODPO adapter is the soups' extreme of
     held_out: bool = False  # a preference the conditioned model never trained on (generalisation)
     # The preference's own coordinates when its weights are not them (DPA: {"angle": t} in degrees, since
-    # v = (cos t, sin t) folds +t and -t together in cos t): evaluation interpolates over them (generalisation)
-    # and measures controllability against them.
+    # v = (cos t, sin t) folds +t and -t together in cos t): evaluation interpolates over them (generalisation);
+    # controllability is measured against `weights`.
     parameter: dict[str, float] | None = None
     adapter_preference: list[float] | None = None  # the w of a preference-gated adapter (svd_lora)
 
