@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
+from peft import IA3Config, LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -394,6 +394,7 @@ def test_directional_dpo_two_directions_per_prompt_shared_candidates_reloadable_
         angle_step_degrees=30,
         heldout_angles=[],
         beta=0.5,
+        conditioning="prompt",  # the direction stated in each row's prompt ("auto" would gate the adapter)
     )
     trainer = make_trainer(tmp_path, tokenizer, [word_count, cat_count], callbacks=[logs], **kwargs)
     result = trainer.train()
@@ -626,6 +627,40 @@ def test_adapter_conditioning_gates_sampling_and_directional_dpo(tmp_path, token
         with preference(model, [0.0, 1.0]):
             cats = model(ids).logits
     assert not torch.allclose(brevity, cats, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "lora", "expected"),
+    [
+        (dict(angle_range_degrees=[0, 90], heldout_angles=[]), True, "adapter"),
+        (dict(), True, "prompt"),  # the default angles, -45 to 45: a gate cannot express a negative weight
+        (
+            dict(angle_range_degrees=[0, 90], heldout_angles=[], update="sft"),
+            True,
+            "prompt",
+        ),  # SFT: no gated update
+        (
+            dict(angle_range_degrees=[0, 90], heldout_angles=[]),
+            False,
+            "prompt",
+        ),  # an IA3 adapter: no LoRA to gate
+    ],
+)
+def test_auto_conditioning_gates_the_adapter_where_it_can(tmp_path, tokenizer, kwargs, lora, expected):
+    args = config(tmp_path, attribute_names=NAMES, **kwargs)
+    assert args.conditioning == "auto"  # the default
+    trainer = DPATrainer(
+        tiny_causal_lm(tokenizer, seed=0),
+        args,
+        prompts(),
+        tokenizer,
+        reward=[word_count, cat_count],
+        peft_config=LoraConfig(**LORA)
+        if lora
+        else IA3Config(target_modules=["q_proj"], feedforward_modules=[]),
+    )
+    assert trainer.args.conditioning == expected  # written back, so the saved run says what was trained
+    assert (trainer.layout is not None) == (expected == "adapter")
 
 
 def test_adapter_conditioning_needs_dpo_and_non_negative_directions(tmp_path):

@@ -267,6 +267,14 @@ def fixed_preference_adapter(folder: str | Path, w: Sequence[float], out: str | 
     return out
 
 
+def is_lora(model: Any, peft_config: Any) -> bool:
+    """Whether the policy is trained as a LoRA adapter (given as `peft_config`, or a LoRA `PeftModel`): what
+    `conditioning="auto"` gates."""
+    if peft_config is not None:
+        return isinstance(peft_config, LoraConfig)
+    return isinstance(model, PeftModel) and isinstance(model.peft_config[active_adapter(model)], LoraConfig)
+
+
 def gated_lora_rank(model: Any, peft_config: Any, conditioning: str) -> int:
     """The rank of the LoRA adapter that adapter conditioning gates (from `peft_config`, or a `PeftModel`)."""
     config = peft_config

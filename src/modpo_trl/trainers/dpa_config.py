@@ -47,13 +47,16 @@ class DPAConfig(SFTConfig):
             `DPOTrainer` on the pair best vs worst response by `v . r`). The DPO reference is the policy the
             iteration starts from (the base model in iteration 1, then the previous iteration's adapter, as in
             iterative DPO), so each round moves a `beta`-controlled step from where sampling happened.
-        conditioning (`str`, *optional*, defaults to `"prompt"`):
+        conditioning (`str`, *optional*, defaults to `"auto"`):
             How the policy is told `v`. `"prompt"`: the system prompt states it (the paper's way). `"adapter"`: the
             LoRA adapter is gated by it, as MOC's adapter conditioning (`modpo_trl.conditioning.svd_lora`: one block
             of `r // k` units per attribute, each scaled by the direction's stated weight divided by their sum,
             `directions.direction_gates`), in sampling and in the update, and the prompt stays as it is. `"both"`:
             the two at once. Gating needs `update="dpo"` and directions with no negative component; the saved
-            adapter holds `preference_lora.json` and runs with an explicit preference.
+            adapter holds `preference_lora.json` and runs with an explicit preference. `"auto"`: `"adapter"` where
+            gating can be used (a LoRA adapter is trained, `update="dpo"`, every training and evaluation direction
+            non-negative, e.g. `angle_range_degrees=[0, 90]`), else `"prompt"` (e.g. the default [-45, 45], whose
+            negative weights a gate cannot express); the trainer writes the resolved value back.
         beta (`float`, *optional*, defaults to `0.1`):
             `update="dpo"`: DPO's beta (the strength of the tie to the reference), as in [`~trl.DPOConfig`].
         min_pair_gap (`float`, *optional*, defaults to `0.0`):
@@ -118,8 +121,8 @@ class DPAConfig(SFTConfig):
         metadata={"help": "Update per iteration: 'sft' (rejection-sampling SFT) or 'dpo' (directional DPO)."},
     )
     conditioning: str = field(
-        default="prompt",
-        metadata={"help": "How v reaches the policy: 'prompt', 'adapter' (gated LoRA) or 'both'."},
+        default="auto",
+        metadata={"help": "How v reaches the policy: 'prompt', 'adapter' (gated LoRA), 'both' or 'auto'."},
     )
     beta: float = field(default=0.1, metadata={"help": "update='dpo': DPO's beta."})
     min_pair_gap: float = field(
@@ -192,7 +195,9 @@ class DPAConfig(SFTConfig):
 
 # Defined by DPAConfig itself (not inherited from SFTConfig): what `check_dpa_fields` covers.
 DPA_FIELDS = tuple(DPAConfig.__annotations__)
-UPDATES, REWARD_SCALES, CONDITIONINGS = ("sft", "dpo"), ("minmax", "raw"), ("prompt", "adapter", "both")
+UPDATES, REWARD_SCALES = ("sft", "dpo"), ("minmax", "raw")
+GATED = ("adapter", "both")  # the conditionings that gate the adapter by the direction
+CONDITIONINGS = ("auto", "prompt", *GATED)
 
 
 def _init_fields(cls: type) -> set[str]:
@@ -233,7 +238,7 @@ def check_dpa_fields(cfg: Any) -> None:
         raise ValueError(f"update={cfg.update!r} is not valid; valid: {list(UPDATES)}")
     if cfg.conditioning not in CONDITIONINGS:
         raise ValueError(f"conditioning={cfg.conditioning!r} is not valid; valid: {list(CONDITIONINGS)}")
-    if cfg.conditioning != "prompt" and cfg.update != "dpo":
+    if cfg.conditioning in GATED and cfg.update != "dpo":
         raise ValueError(
             f"conditioning={cfg.conditioning!r} gates the adapter row by row, which only update='dpo' does; got "
             f"update={cfg.update!r} (valid with it: conditioning='prompt')"
@@ -267,14 +272,25 @@ def check_dpa_fields(cfg: Any) -> None:
         raise ValueError(
             f"directions_per_prompt={cfg.directions_per_prompt} exceeds the {len(pool)} training directions"
         )
-    evaluated = evaluation_directions(cfg)
-    negative = [[round(x, 4) for x in v] for v in [*pool, *evaluated] if min(direction_weights(v)) < 0]
-    if cfg.conditioning != "prompt" and negative:
+    negative = negative_directions(cfg)
+    if cfg.conditioning in GATED and negative:
         raise ValueError(
             f"conditioning={cfg.conditioning!r} gates the adapter by each direction's weights, which must be >= 0, "
             f"but the training or evaluation directions include {negative[:3]}; use angle_range_degrees (and "
             "heldout_angles, eval_angles) within [0, 90], or conditioning='prompt'"
         )
+
+
+def negative_directions(cfg: Any) -> list[list[float]]:
+    """The training and evaluation directions with a negative weight, which an adapter gate cannot express."""
+    evaluated = [*training_directions(cfg), *evaluation_directions(cfg)]
+    return [[round(x, 4) for x in v] for v in evaluated if min(direction_weights(v)) < 0]
+
+
+def auto_conditioning(cfg: Any, lora: bool) -> str:
+    """`conditioning="auto"` resolved: the gated adapter where it can be used (measured to follow the direction
+    far better than the prompt on the quickstart, docs/dpa.md), else the prompt."""
+    return "adapter" if lora and cfg.update == "dpo" and not negative_directions(cfg) else "prompt"
 
 
 def _is_number(value: Any) -> bool:

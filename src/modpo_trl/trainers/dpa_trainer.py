@@ -55,11 +55,18 @@ from ..conditioning.directions import (
     direction_weights,
     sample_directions,
 )
-from ..conditioning.svd_lora import PreferenceLoRA, apply_preference, attach, gated_lora_rank, preference
+from ..conditioning.svd_lora import (
+    PreferenceLoRA,
+    apply_preference,
+    attach,
+    gated_lora_rank,
+    is_lora,
+    preference,
+)
 from ..generation import SamplingSettings, as_response, generate_texts
 from ..rewards.vector import as_reward_vector
 from ..storage import read_jsonl, write_jsonl
-from .dpa_config import DPAConfig, check_dpa_fields
+from .dpa_config import DPAConfig, auto_conditioning, check_dpa_fields
 from .logs import keep_logs
 
 DATA_FILE, ADAPTER_DIR, SFT_METRICS = "data.jsonl", "adapter", "dpa_iteration.json"
@@ -163,6 +170,8 @@ class DPATrainer:
         self.args, self.peft_config, self.callbacks = args, peft_config, callbacks
         # Adapter conditioning: one block of the LoRA's units per attribute, gated by the direction.
         self.layout = None
+        if args.conditioning == "auto":  # resolved once, so that every later reader sees what was trained
+            args.conditioning = auto_conditioning(args, is_lora(None, peft_config))
         if args.conditioning != "prompt":
             rank = gated_lora_rank(None, peft_config, args.conditioning)
             self.layout = PreferenceLoRA.for_rank(args.attribute_names, rank)

@@ -11,12 +11,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset, concatenate_datasets
-from peft import LoraConfig, PeftModel
 from torch.utils.data import Sampler
 from trl import DPOTrainer
 
 from ..conditioning.preference import check_preference, condition_prompt, sample_preferences
-from ..conditioning.svd_lora import PreferenceLoRA, active_adapter, apply_preference, attach, gated_lora_rank
+from ..conditioning.svd_lora import (
+    PreferenceLoRA,
+    active_adapter,
+    apply_preference,
+    attach,
+    gated_lora_rank,
+    is_lora,
+)
 from ..rewards.sources import RewardSource, as_reward_source
 from .margins import (
     MARGIN_COLUMNS,
@@ -124,7 +130,7 @@ class MOCTrainer(DPOTrainer):
         # Adapter conditioning: the layout is checked before anything expensive (scoring, reference log-probs).
         self.preference_layout = None
         if args.conditioning == "auto":  # resolved once, so that every later reader sees what was trained
-            args.conditioning = "adapter" if _is_lora(model, peft_config) else "prompt"
+            args.conditioning = "adapter" if is_lora(model, peft_config) else "prompt"
         if args.conditioning != "prompt":
             rank = gated_lora_rank(model, peft_config, args.conditioning)
             self.preference_layout = PreferenceLoRA.for_rank(names, rank, args.preference_rank)
@@ -669,10 +675,3 @@ def _check_dataset(dataset: Any, field_name: str, columns: tuple[str, ...] = REQ
         )
     if len(dataset) == 0:
         raise ValueError(f"{field_name} is empty: it needs at least one (prompt, chosen, rejected) row")
-
-
-def _is_lora(model: Any, peft_config: Any) -> bool:
-    """Whether the policy is trained as a LoRA adapter (given as `peft_config`, or a LoRA `PeftModel`)."""
-    if peft_config is not None:
-        return isinstance(peft_config, LoraConfig)
-    return isinstance(model, PeftModel) and isinstance(model.peft_config[active_adapter(model)], LoraConfig)
