@@ -753,6 +753,21 @@ def test_compare_puts_another_runs_results_in_the_same_report(sweep, monkeypatch
         variants == ["w-1.0", "w-0.5", "w-0.7"] and "moc_variant/moc" in with_variant["pareto"]["hypervolume"]
     )
     assert [c["method"] for c in with_variant["candidates"]].count("reference") == 1
+    # the variant's report also holds the sweep (its own eval.compare): taken from the sweep once, not again
+    # through the variant, whose copy may be an older evaluation of it
+    methods = [c["method"] for c in with_variant["candidates"]]
+    assert methods.count("modpo") == len(TAGS) and "moc_variant/modpo" not in methods
+
+    # two compared runs of one method this run lacks: the second goes by its run's name, not merged into the first
+    sweep_copy = sweep.parent / "sweep_copy"
+    shutil.copytree(sweep, sweep_copy)
+    (sweep_copy / "eval" / "results.json").write_text(
+        (sweep / "eval" / "results.json").read_text().replace('"fake"', '"fake_copy"')
+    )
+    both = evaluate_sweep(other, [*args[:2], f"eval.compare=[{sweep}, {sweep_copy}]"])
+    methods = [c["method"] for c in both["candidates"]]
+    assert methods.count("modpo") == methods.count("fake_copy/modpo") == len(TAGS)
+    assert methods.count("reference") == 1 and "fake_copy/modpo" in both["pareto"]["hypervolume"]
 
     # results without per-prompt scores (an older version's) cannot be paired: not compared, and the note says so
     path = sweep / "eval" / "results.json"

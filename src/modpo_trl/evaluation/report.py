@@ -29,10 +29,12 @@ def compared_results(
 ) -> tuple[list[dict], list[str]]:
     """The finished candidates of the runs in `eval.compare` (their eval/results.json), for one report with this
     run's; notes on runs that cannot be compared: other objectives, prompts or sampling distribution (the
-    batch size, seed and backend only pick other samples of it). A compared method that this run also has (another MODPO
-    sweep, say) is renamed `<run_name>/<method>`, whatever its labels; the reference (the same untrained model on the
-    same prompts) is taken once."""
-    own_methods, own_keys = {r["method"] for r in own}, {(r["method"], r["label"]) for r in own}
+    batch size, seed and backend only pick other samples of it). Only a compared run's own candidates are taken, not
+    those its report got from its own `eval.compare` (an older evaluation of some sweep, say). A method that this run
+    or an earlier compared run already has (another MODPO sweep, say) is renamed `<run_name>/<method>`, whatever
+    its labels; the reference (the same untrained model on the same prompts) is taken once."""
+    holder = {r["method"]: None for r in own}  # method -> the compared run whose candidates go by that name
+    references = {r["label"] for r in own if r["method"] == "reference"}
     sampling = ["max_new_tokens", "do_sample"] + (["temperature", "top_p"] if generation["do_sample"] else [])
     rows, notes = [], []
     for i, folder in enumerate(recipe.eval.compare):
@@ -57,7 +59,9 @@ def compared_results(
         if differs:
             notes.append(f"{key}: {folder} was evaluated with other {', '.join(differs)}; not compared")
             continue
-        rows_of_run = [r for r in other["candidates"] if r["status"] == "ok"]
+        run = other["run_name"]
+        # that run's own candidates: the rows its report took from its own eval.compare have another "run"
+        rows_of_run = [r for r in other["candidates"] if r["status"] == "ok" and r.get("run", run) == run]
         if any("values" not in score for r in rows_of_run for score in r["scores"].values()):
             notes.append(
                 f"{key}: {path} has no per-prompt scores (made by an older version): evaluate {folder} again "
@@ -65,10 +69,12 @@ def compared_results(
             )
             continue
         for r in rows_of_run:
-            if r["method"] == "reference" and (r["method"], r["label"]) in own_keys:
-                continue
-            method = r["method"] if r["method"] not in own_methods else f"{other['run_name']}/{r['method']}"
-            rows.append({**r, "method": method, "run": other["run_name"]})
+            if r["method"] == "reference":
+                if r["label"] in references:
+                    continue
+                references.add(r["label"])
+            method = r["method"] if holder.setdefault(r["method"], run) == run else f"{run}/{r['method']}"
+            rows.append({**r, "method": method, "run": run})
     return rows, notes
 
 
